@@ -1,0 +1,63 @@
+"""Structured logging: one JSON object per line, with provider secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import orjson
+
+_STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# Query-string keys (Gemini's ?key=...) and bearer tokens, wherever they show up.
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)([?&]key=)[^&\s\"']+"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{8,}"),
+    re.compile(r"(?i)(x-(?:goog-)?api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"),
+]
+
+
+def configured_secrets() -> list[str]:
+    from django.conf import settings
+
+    names = ("OPENAI_API_KEY", "CLAUDE_API_KEY", "DEEPSEEK_API_KEY", "GEMINI_API_KEY", "METRICS_BEARER_TOKEN")
+    return [v for v in (getattr(settings, n, "") for n in names) if v and len(v) >= 8]
+
+
+def redact(text: str) -> str:
+    """Remove configured provider keys and anything shaped like a credential from `text`."""
+    for secret in configured_secrets():
+        text = text.replace(secret, "[REDACTED]")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(r"\1[REDACTED]", text)
+    return text
+
+
+class RedactSecretsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                payload[key] = value
+        if record.exc_info:
+            payload["exc"] = redact(self.formatException(record.exc_info))
+        elif record.exc_text:
+            payload["exc"] = record.exc_text
+        return orjson.dumps(payload, default=str).decode()

@@ -1,0 +1,205 @@
+"""Django settings for the Chat Service, read from the environment (a `.env` file never overrides)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+# A .env file fills in what the environment lacks; a variable already set always wins.
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+DEBUG: bool = env.bool("DEBUG", default=False)
+_INSECURE_DEV_KEY = "dev-insecure-key-do-not-use-in-production"
+SECRET_KEY: str = env.str("SECRET_KEY", default=_INSECURE_DEV_KEY if DEBUG else "")
+if not SECRET_KEY or (not DEBUG and (SECRET_KEY == _INSECURE_DEV_KEY or len(SECRET_KEY) < 32)):
+    raise ImproperlyConfigured(
+        "SECRET_KEY must be set to a random string of at least 32 characters "
+        "(or set DEBUG=true for local development)."
+    )
+ALLOWED_HOSTS: list[str] = env.list(
+    "ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"] if DEBUG else []
+)
+SECURE_SSL_REDIRECT: bool = env.bool("SECURE_SSL_REDIRECT", default=False)
+if not DEBUG:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "django_prometheus",
+    "accounts",
+    "providers",
+    "usage",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "chatservice.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatservice.urls"
+ASGI_APPLICATION = "chatservice.asgi.application"
+AUTH_USER_MODEL = "accounts.User"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
+}
+# Short-lived connections: no connection is held across an upstream call.
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL: str = env.str("REDIS_URL", default="")
+
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["accounts.authentication.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "chatservice.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Chat Service",
+    "DESCRIPTION": "An LLM gateway: chat, streaming, routing, quotas and a ledger of every token.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- LLM providers -------------------------------------------------------------------------
+OPENAI_API_KEY: str = env.str("OPENAI_API_KEY", default="")
+CLAUDE_API_KEY: str = env.str("CLAUDE_API_KEY", default="")
+DEEPSEEK_API_KEY: str = env.str("DEEPSEEK_API_KEY", default="")
+GEMINI_API_KEY: str = env.str("GEMINI_API_KEY", default="")
+# Where providers without a key are served from: the sandbox upstream, mounted in this app.
+SANDBOX_URL: str = env.str("SANDBOX_URL", default="http://127.0.0.1:8002/sandbox").rstrip("/")
+OPENAI_BASE_URL: str = env.str("OPENAI_BASE_URL", default="")
+CLAUDE_BASE_URL: str = env.str("CLAUDE_BASE_URL", default="")
+DEEPSEEK_BASE_URL: str = env.str("DEEPSEEK_BASE_URL", default="")
+GEMINI_BASE_URL: str = env.str("GEMINI_BASE_URL", default="")
+PROVIDER_TIMEOUT_SECONDS: float = env.float("PROVIDER_TIMEOUT_SECONDS", default=60.0)
+
+DEFAULT_LLM: str = env.str("DEFAULT_LLM", default="openai")
+MAX_TOKENS_DEFAULT: int = env.int("MAX_TOKENS_DEFAULT", default=1000)
+TEMPERATURE_DEFAULT: float = env.float("TEMPERATURE_DEFAULT", default=0.7)
+ENABLE_STREAMING: bool = env.bool("ENABLE_STREAMING", default=True)
+
+FREE_REQUESTS_PER_HOUR: int = env.int("FREE_REQUESTS_PER_HOUR", default=50)
+PREMIUM_REQUESTS_PER_HOUR: int = env.int("PREMIUM_REQUESTS_PER_HOUR", default=500)
+ENTERPRISE_REQUESTS_PER_HOUR: int = env.int("ENTERPRISE_REQUESTS_PER_HOUR", default=5000)
+TOKEN_RESERVATION_TTL_SECONDS: int = env.int("TOKEN_RESERVATION_TTL_SECONDS", default=900)
+
+ENABLE_FALLBACK: bool = env.bool("ENABLE_FALLBACK", default=True)
+FALLBACK_ORDER: list[str] = env.list("FALLBACK_ORDER", default=["openai", "claude", "deepseek", "gemini"])
+MAX_RETRY_ATTEMPTS: int = env.int("MAX_RETRY_ATTEMPTS", default=3)
+RETRY_DELAY_SECONDS: float = env.float("RETRY_DELAY_SECONDS", default=1.0)
+FIRST_TOKEN_TIMEOUT_SECONDS: float = env.float("FIRST_TOKEN_TIMEOUT_SECONDS", default=30.0)
+STREAM_IDLE_TIMEOUT_SECONDS: float = env.float("STREAM_IDLE_TIMEOUT_SECONDS", default=30.0)
+REQUEST_DEADLINE_SECONDS: float = env.float("REQUEST_DEADLINE_SECONDS", default=120.0)
+CIRCUIT_FAILURE_THRESHOLD: int = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
+CIRCUIT_COOLDOWN_SECONDS: float = env.float("CIRCUIT_COOLDOWN_SECONDS", default=30.0)
+LONG_CONVERSATION_TOKENS: int = env.int("LONG_CONVERSATION_TOKENS", default=8000)
+MAX_INFLIGHT_PER_PROVIDER: int = env.int("MAX_INFLIGHT_PER_PROVIDER", default=64)
+PRIORITY_MAX_WAIT_SECONDS: float = env.float("PRIORITY_MAX_WAIT_SECONDS", default=10.0)
+
+# --- Requests --------------------------------------------------------------------------------
+MAX_MESSAGE_CHARS: int = env.int("MAX_MESSAGE_CHARS", default=100_000)
+MAX_REQUEST_BYTES: int = env.int("MAX_REQUEST_BYTES", default=1_048_576)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
+STREAM_BUFFER_EVENTS: int = env.int("STREAM_BUFFER_EVENTS", default=64)
+SLOW_CLIENT_TIMEOUT_SECONDS: float = env.float("SLOW_CLIENT_TIMEOUT_SECONDS", default=30.0)
+API_KEY_CACHE_SECONDS: float = env.float("API_KEY_CACHE_SECONDS", default=5.0)
+
+# --- Observability ---------------------------------------------------------------------------
+ENABLE_METRICS: bool = env.bool("ENABLE_METRICS", default=True)
+METRICS_BEARER_TOKEN: str = env.str("METRICS_BEARER_TOKEN", default="")
+LOG_REQUESTS: bool = env.bool("LOG_REQUESTS", default=True)
+LOG_RESPONSES: bool = env.bool("LOG_RESPONSES", default=False)
+LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
+
+# tiktoken's encodings come from the bpe-openai wheel, unpacked here; never from the network.
+TIKTOKEN_CACHE_DIR: str = env.str("TIKTOKEN_CACHE_DIR", default=str(BASE_DIR / ".cache" / "tiktoken"))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact_secrets": {"()": "chatservice.logging.RedactSecretsFilter"}},
+    "formatters": {"json": {"()": "chatservice.logging.JsonFormatter"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "filters": ["redact_secrets"],
+        }
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+        "httpcore2": {"level": "WARNING"},
+    },
+}
+
+MICRO_DOLLAR = Decimal("0.000001")

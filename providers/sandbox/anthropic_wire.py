@@ -1,0 +1,11 @@
+"""The sandbox's anthropic wire protocol (being written)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+from providers.sandbox.faults import SandboxState
+
+
+def routes(state: SandboxState, provider: str = "anthropic") -> list[BaseRoute]:
+    return []

@@ -1,0 +1,27 @@
+"""Test settings: the service's own settings with test defaults for the environment.
+
+Tests run on Postgres and Redis (DATABASE_URL, REDIS_URL); `make test` and `.ci/run` start
+them when they are stopped. Anything already set in the environment wins.
+"""
+
+import os
+
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/chatservice")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
+os.environ.setdefault("SECRET_KEY", "test-secret-key-" + "k" * 40)
+os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
+os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
+os.environ.setdefault("LOG_LEVEL", "WARNING")
+# Short waits keep the router tests quick; tests that time things set their own.
+os.environ.setdefault("RETRY_DELAY_SECONDS", "0.01")
+# Tests never use a developer's real keys unless they ask to (--api-keys).
+for _name in ("OPENAI_API_KEY", "CLAUDE_API_KEY", "DEEPSEEK_API_KEY", "GEMINI_API_KEY"):
+    if os.environ.get("CHAT_TESTS_WITH_API_KEYS") != "1":
+        os.environ[_name] = ""
+
+from chatservice.settings import *  # noqa: E402,F403
+
+SESSION_COOKIE_SECURE = False
+CSRF_COOKIE_SECURE = False
+SECURE_HSTS_SECONDS = 0
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
