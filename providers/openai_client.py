@@ -1,0 +1,181 @@
+"""The OpenAI SDK client behind the provider interface; it serves DeepSeek too (same wire, another base URL)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import openai
+import orjson
+
+from providers.base import (
+    ChatMessage,
+    Delta,
+    Event,
+    Finish,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderRequest,
+    ProviderTimeout,
+    ProviderUnavailable,
+    Start,
+    Usage,
+)
+from providers.errors import from_status, from_transport
+
+logger = logging.getLogger(__name__)
+
+_DONE = b"[DONE]"
+# An in-stream `{"error": ...}` frame has no HTTP status of its own: read one off its code or type.
+_ERROR_CODE_STATUS = {
+    "rate_limit_exceeded": 429,
+    "context_length_exceeded": 400,
+    "content_policy_violation": 400,
+    "invalid_api_key": 401,
+    "model_not_found": 404,
+}
+_ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "request_forbidden": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "requests": 429,
+    "tokens": 429,
+    "insufficient_quota": 429,
+    "overloaded_error": 529,
+}
+
+
+class OpenAIProvider:
+    """OpenAI's chat completions API through the official SDK (`name` is "openai" or "deepseek").
+
+    The SDK does transport, auth and status-error raising; the SSE body is parsed here with
+    orjson (no SDK model object per chunk). SDK retries are off: the router retries.
+    """
+
+    def __init__(self, *, name: str, api_key: str, base_url: str, timeout: float) -> None:
+        self.name = name
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
+        """Start, Deltas, Usage (only when the upstream reported it), Finish; or a ProviderError."""
+        finish: str | None = None
+        usage: Mapping[str, Any] | None = None
+        try:
+            async with self._client.chat.completions.with_streaming_response.create(
+                **self._params(request)
+            ) as response:
+                started = done = False
+                pending = b""
+                async for data in response.http_response.aiter_bytes():
+                    lines = (pending + data).split(b"\n")
+                    pending = lines.pop()
+                    for line in lines:
+                        if done or not line.startswith(b"data:"):
+                            continue  # blank separators, `event:` / comment lines, anything after [DONE]
+                        payload = line[5:].strip()
+                        if payload == _DONE:
+                            done = True
+                            continue
+                        chunk = orjson.loads(payload)
+                        if chunk.get("error"):
+                            raise self._stream_error(chunk["error"])
+                        if not started:
+                            started = True
+                            yield Start(provider=self.name, model=chunk.get("model") or request.model)
+                        choices = chunk.get("choices")
+                        if choices:
+                            choice = choices[0]
+                            delta = choice.get("delta")
+                            if delta:
+                                text = delta.get("content")
+                                if text:
+                                    yield Delta(text)
+                            if choice.get("finish_reason"):
+                                finish = choice["finish_reason"]
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                if not done and finish is None:
+                    raise ProviderConnectionError(self.name, "the stream ended before its last chunk")
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise self._map_error(exc) from exc
+        if usage is not None:
+            yield self._usage(usage)
+        yield Finish(finish or "stop")
+
+    async def list_models(self) -> list[str]:
+        """The model ids the upstream lists (a free call, used by the status probe)."""
+        try:
+            page = await self._client.models.list()
+        except Exception as exc:
+            raise self._map_error(exc) from exc
+        return [model.id for model in page.data]
+
+    def _params(self, request: ProviderRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": request.model,
+            "messages": [_message(m) for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        # OpenAI's newer models refuse `max_tokens`; DeepSeek only knows `max_tokens`.
+        params["max_tokens" if self.name == "deepseek" else "max_completion_tokens"] = request.max_tokens
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.stop:
+            params["stop"] = list(request.stop)
+        return params
+
+    def _usage(self, usage: Mapping[str, Any]) -> Usage:
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
+        return Usage(
+            input_tokens=int(usage.get("prompt_tokens") or 0),
+            output_tokens=int(usage.get("completion_tokens") or 0),
+            cached_input_tokens=int(cached),
+            source="provider",
+        )
+
+    def _stream_error(self, error: object) -> ProviderError:
+        """The provider error for an in-stream `{"error": ...}` frame (5xx-like unless it says otherwise)."""
+        if not isinstance(error, dict):
+            return ProviderUnavailable(self.name, f"error in stream: {error}")
+        code, type_ = str(error.get("code") or ""), str(error.get("type") or "")
+        status = _ERROR_CODE_STATUS.get(code) or _ERROR_TYPE_STATUS.get(type_) or 500
+        mapped = from_status(self.name, status, _describe(error, "error in stream"))
+        mapped.status = None  # the HTTP answer itself was a 200
+        return mapped
+
+    def _map_error(self, exc: Exception) -> ProviderError:
+        """One ProviderError for whatever the SDK, the transport or the stream parser raised."""
+        if isinstance(exc, openai.APIStatusError):
+            message = _describe(exc.body, exc.message) if isinstance(exc.body, dict) else exc.message
+            return from_status(self.name, exc.status_code, message, exc.response.headers)
+        if isinstance(exc, openai.APITimeoutError):
+            return ProviderTimeout(self.name, "request timed out")
+        if isinstance(exc, openai.APIConnectionError):
+            cause = exc.__cause__
+            return ProviderConnectionError(self.name, f"connection failed ({type(cause or exc).__name__})")
+        if isinstance(exc, orjson.JSONDecodeError):
+            return ProviderUnavailable(self.name, f"malformed stream chunk: {exc}")
+        mapped = from_transport(self.name, exc)
+        if mapped is not None:
+            return mapped
+        logger.warning("unexpected error from %s", self.name, exc_info=exc)
+        return ProviderUnavailable(self.name, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _message(message: ChatMessage) -> dict[str, str]:
+    return {"role": message.role, "content": message.content}
+
+
+def _describe(error: Mapping[str, Any], fallback: str) -> str:
+    """An OpenAI error object's message, with its code (which the error mapping also reads)."""
+    message = str(error.get("message") or fallback)
+    code = error.get("code")
+    return f"{message} ({code})" if code else message
