@@ -22,8 +22,8 @@ if not SECRET_KEY or (not DEBUG and (SECRET_KEY == _INSECURE_DEV_KEY or len(SECR
         "SECRET_KEY must be set to a random string of at least 32 characters "
         "(or set DEBUG=true for local development)."
     )
-ALLOWED_HOSTS: list[str] = env.list(
-    "ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"] if DEBUG else []
+ALLOWED_HOSTS: list[str] = [h for h in env.list("ALLOWED_HOSTS", default=[]) if h] or (
+    ["localhost", "127.0.0.1", "[::1]", "testserver"] if DEBUG else []
 )
 SECURE_SSL_REDIRECT: bool = env.bool("SECURE_SSL_REDIRECT", default=False)
 if not DEBUG:
@@ -85,8 +85,9 @@ TEMPLATES = [
     },
 ]
 
+# An empty value (as in a copied .env.example) means unset, like everywhere else here.
 DATABASES = {
-    "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
+    "default": env.db_url_config(env.str("DATABASE_URL", default="") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
 }
 # Short-lived connections: no connection is held across an upstream call.
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
@@ -125,6 +126,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "An LLM gateway: chat, streaming, routing, quotas and a ledger of every token.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "chatservice.schema.add_chat_endpoints",
+    ],
 }
 
 # --- LLM providers -------------------------------------------------------------------------
@@ -133,7 +138,7 @@ CLAUDE_API_KEY: str = env.str("CLAUDE_API_KEY", default="")
 DEEPSEEK_API_KEY: str = env.str("DEEPSEEK_API_KEY", default="")
 GEMINI_API_KEY: str = env.str("GEMINI_API_KEY", default="")
 # Where providers without a key are served from: the sandbox upstream, mounted in this app.
-SANDBOX_URL: str = env.str("SANDBOX_URL", default="http://127.0.0.1:8002/sandbox").rstrip("/")
+SANDBOX_URL: str = (env.str("SANDBOX_URL", default="") or "http://127.0.0.1:8002/sandbox").rstrip("/")
 OPENAI_BASE_URL: str = env.str("OPENAI_BASE_URL", default="")
 CLAUDE_BASE_URL: str = env.str("CLAUDE_BASE_URL", default="")
 DEEPSEEK_BASE_URL: str = env.str("DEEPSEEK_BASE_URL", default="")
@@ -149,6 +154,8 @@ FREE_REQUESTS_PER_HOUR: int = env.int("FREE_REQUESTS_PER_HOUR", default=50)
 PREMIUM_REQUESTS_PER_HOUR: int = env.int("PREMIUM_REQUESTS_PER_HOUR", default=500)
 ENTERPRISE_REQUESTS_PER_HOUR: int = env.int("ENTERPRISE_REQUESTS_PER_HOUR", default=5000)
 TOKEN_RESERVATION_TTL_SECONDS: int = env.int("TOKEN_RESERVATION_TTL_SECONDS", default=900)
+# Prefix of the limiter's Redis keys (several deployments may share one Redis).
+RATE_LIMIT_NAMESPACE: str = env.str("RATE_LIMIT_NAMESPACE", default="chat")
 
 ENABLE_FALLBACK: bool = env.bool("ENABLE_FALLBACK", default=True)
 FALLBACK_ORDER: list[str] = env.list("FALLBACK_ORDER", default=["openai", "claude", "deepseek", "gemini"])
@@ -179,7 +186,7 @@ LOG_RESPONSES: bool = env.bool("LOG_RESPONSES", default=False)
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
 
 # tiktoken's encodings come from the bpe-openai wheel, unpacked here; never from the network.
-TIKTOKEN_CACHE_DIR: str = env.str("TIKTOKEN_CACHE_DIR", default=str(BASE_DIR / ".cache" / "tiktoken"))
+TIKTOKEN_CACHE_DIR: str = str(BASE_DIR / (env.str("TIKTOKEN_CACHE_DIR", default="") or ".cache/tiktoken"))
 
 LOGGING = {
     "version": 1,
@@ -203,3 +210,7 @@ LOGGING = {
 }
 
 MICRO_DOLLAR = Decimal("0.000001")
+
+BATCH_MAX_ITEMS: int = env.int("BATCH_MAX_ITEMS", default=20)
+BATCH_CONCURRENCY: int = env.int("BATCH_CONCURRENCY", default=4)
+WEBSOCKET_AUTH_TIMEOUT_SECONDS: float = env.float("WEBSOCKET_AUTH_TIMEOUT_SECONDS", default=10.0)

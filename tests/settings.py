@@ -5,6 +5,7 @@ them when they are stopped. Anything already set in the environment wins.
 """
 
 import os
+import uuid
 
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/chatservice")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -21,6 +22,8 @@ for _name in ("OPENAI_API_KEY", "CLAUDE_API_KEY", "DEEPSEEK_API_KEY", "GEMINI_AP
 
 from chatservice.settings import *  # noqa: E402,F403
 
+# Hourly windows outlive a test run; a fresh namespace keeps runs from sharing counts.
+RATE_LIMIT_NAMESPACE = f"test-{uuid.uuid4().hex}"
 SESSION_COOKIE_SECURE = False
 CSRF_COOKIE_SECURE = False
 SECURE_HSTS_SECONDS = 0

@@ -1,0 +1,301 @@
+"""The hourly request window: exact edges under a controlled clock, Redis atomicity, and Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+from django.conf import settings
+
+from accounts.principal import Principal
+from usage.limiter import LimitState, RequestLimiter, limit_hit, limit_peek, request_limiter
+
+T0 = 1_900_000_000.0  # clock values keep <= 4 decimals: Redis stores window timestamps with 14 digits
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def at(self, offset: float) -> FakeClock:
+        self.now = T0 + offset
+        return self
+
+
+class RedisProxy:
+    """A loopback TCP forwarder to the test Redis that a test can cut and restore: a real outage."""
+
+    def __init__(self) -> None:
+        parts = urlsplit(settings.REDIS_URL)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self.db = parts.path.lstrip("/") or "0"
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+                self._writers.discard(dst)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_limiter(clock: FakeClock) -> Iterator[Callable[..., RequestLimiter]]:
+    """Limiters sharing one fresh key prefix (so runs never see each other's windows) and the test clock."""
+    prefix = f"test-{uuid.uuid4().hex}"
+
+    def make(backend: str = "redis", **kwargs: object) -> RequestLimiter:
+        url = settings.REDIS_URL if backend == "redis" else ""
+        options: dict = {"redis_url": url, "key_prefix": prefix, "clock": clock, **kwargs}
+        return RequestLimiter(**options)
+
+    yield make
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest, make_limiter: Callable[..., RequestLimiter]) -> AsyncIterator:
+    made = make_limiter(request.param)
+    yield made
+    await made.aclose()
+
+
+async def test_window_is_exact_at_its_edges(limiter: RequestLimiter, clock: FakeClock) -> None:
+    states = []
+    for offset in (0, 10, 20):
+        clock.at(offset)
+        states.append(await limiter.hit(user_id=1, limit=3))
+    assert [(s.allowed, s.used, s.remaining) for s in states] == [(True, 1, 2), (True, 2, 1), (True, 3, 0)]
+
+    clock.at(30)
+    refused = await limiter.hit(user_id=1, limit=3)
+    assert (refused.allowed, refused.used, refused.remaining) == (False, 3, 0)
+    # The request at T0 counts through T0+3600 inclusive: the first whole second after it is 3571 away.
+    assert refused.reset_seconds == 3571
+
+    clock.at(3600)  # the edge itself still holds the first request
+    edge = await limiter.hit(user_id=1, limit=3)
+    assert (edge.allowed, edge.reset_seconds) == (False, 1)
+
+    clock.at(3600.0001)  # just past it, one slot is free
+    assert (await limiter.hit(user_id=1, limit=3)).allowed
+    clock.at(3600.5)
+    assert not (await limiter.hit(user_id=1, limit=3)).allowed
+    clock.at(3610)
+    assert not (await limiter.hit(user_id=1, limit=3)).allowed
+    clock.at(3610.0001)
+    after = await limiter.hit(user_id=1, limit=3)
+    assert (after.allowed, after.used, after.reset_seconds) == (True, 3, 10)  # T0+20 leaves at T0+3620
+
+
+@pytest.mark.parametrize("refused_at", [100.0, 100.25, 2999.9999, 3599.5])
+async def test_retry_after_is_right_to_the_second(limiter: RequestLimiter, clock: FakeClock, refused_at: float) -> None:
+    user = int(refused_at * 10_000)
+    clock.at(0)
+    assert (await limiter.hit(user_id=user, limit=1)).allowed
+    clock.at(refused_at)
+    refused = await limiter.hit(user_id=user, limit=1)
+    assert not refused.allowed
+
+    clock.at(refused_at + refused.reset_seconds - 1)  # one second early: still refused
+    assert not (await limiter.hit(user_id=user, limit=1)).allowed
+    clock.at(refused_at + refused.reset_seconds)  # on the second: admitted
+    assert (await limiter.hit(user_id=user, limit=1)).allowed
+
+
+async def test_refused_requests_do_not_count(limiter: RequestLimiter, clock: FakeClock) -> None:
+    clock.at(0)
+    assert (await limiter.hit(user_id=2, limit=2)).allowed
+    assert (await limiter.hit(user_id=2, limit=2)).allowed
+    for step in range(50):
+        clock.at(1 + step * 70)  # refused all through the hour
+        assert not (await limiter.hit(user_id=2, limit=2)).allowed
+
+    clock.at(3601)  # both admitted requests have left; had refusals counted, this would be refused
+    state = await limiter.hit(user_id=2, limit=2)
+    assert (state.allowed, state.used, state.remaining) == (True, 1, 1)
+
+
+async def test_peek_counts_nothing(limiter: RequestLimiter, clock: FakeClock) -> None:
+    clock.at(0)
+    empty = await limiter.peek(user_id=3, limit=5)
+    assert empty == LimitState(limit=5, used=0, remaining=5, reset_seconds=0, allowed=True)
+    for _ in range(4):
+        await limiter.peek(user_id=3, limit=5)
+    await limiter.hit(user_id=3, limit=5)
+    clock.at(0.5)
+    state = await limiter.peek(user_id=3, limit=5)
+    assert (state.used, state.remaining, state.reset_seconds, state.allowed) == (1, 4, 3600, True)
+
+
+async def test_window_is_per_user_and_survives_a_limit_change(limiter: RequestLimiter, clock: FakeClock) -> None:
+    clock.at(0)
+    for _ in range(3):
+        assert (await limiter.hit(user_id=4, limit=5)).allowed
+    assert (await limiter.peek(user_id=5, limit=5)).used == 0
+    lowered = await limiter.hit(user_id=4, limit=2)  # a downgrade holds at once
+    assert (lowered.allowed, lowered.used) == (False, 2)
+    raised = await limiter.hit(user_id=4, limit=10)
+    assert (raised.allowed, raised.used) == (True, 4)
+
+
+async def test_zero_limit_refuses_without_counting(limiter: RequestLimiter) -> None:
+    state = await limiter.hit(user_id=6, limit=0)
+    assert not state.allowed
+    assert (await limiter.peek(user_id=6, limit=3)).used == 0
+
+
+async def test_redis_window_is_atomic_across_clients(make_limiter: Callable[..., RequestLimiter]) -> None:
+    # Eight limiters: eight connection pools, as eight processes would have; the real clock.
+    limiters = [make_limiter("redis", clock=time.time) for _ in range(8)]
+    results = await asyncio.gather(*(lim.hit(user_id=7, limit=37) for lim in limiters for _ in range(25)))
+    assert sum(state.allowed for state in results) == 37
+    assert (await limiters[0].peek(user_id=7, limit=37)).used == 37
+    for lim in limiters:
+        await lim.aclose()
+
+
+def test_in_process_window_holds_across_threads_and_event_loops(make_limiter: Callable[..., RequestLimiter]) -> None:
+    limiter = make_limiter("memory")
+    allowed: list[bool] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        async def run() -> list[bool]:
+            return [(await limiter.hit(user_id=8, limit=23)).allowed for _ in range(10)]
+
+        outcome = asyncio.run(run())  # each thread its own event loop, as sync views give
+        with lock:
+            allowed.extend(outcome)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(allowed) == 60
+    assert sum(allowed) == 23
+
+
+async def test_redis_outage_degrades_to_the_process_window_and_recovers(
+    make_limiter: Callable[..., RequestLimiter], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="usage.limiter")
+    proxy = RedisProxy()
+    await proxy.start()
+    limiter = make_limiter("redis", redis_url=proxy.url, probe_interval=0)
+    shared = make_limiter("redis")  # reads the same Redis directly
+    for _ in range(3):
+        assert (await limiter.hit(user_id=9, limit=4)).allowed
+    assert (await shared.peek(user_id=9, limit=4)).used == 3
+
+    await proxy.stop()
+    during = [await limiter.hit(user_id=9, limit=4) for _ in range(6)]
+    # Admitted up to the per-process limit, then refused; Redis saw none of it.
+    assert [s.allowed for s in during] == [True, True, True, True, False, False]
+    assert limiter.degraded
+    assert (await shared.peek(user_id=9, limit=4)).used == 3
+    warnings = [r for r in caplog.records if r.name == "usage.limiter" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+    await proxy.start()  # Redis is back on the same address
+    assert (await limiter.hit(user_id=9, limit=4)).allowed  # the 4th in the shared window
+    assert not (await limiter.hit(user_id=9, limit=4)).allowed
+    assert not limiter.degraded
+    assert (await shared.peek(user_id=9, limit=4)).used == 4
+    assert any("reachable again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+    await limiter.aclose()
+    await shared.aclose()
+    await proxy.stop()
+
+
+async def test_outage_waits_probe_interval_before_trying_redis_again(
+    make_limiter: Callable[..., RequestLimiter],
+) -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    limiter = make_limiter("redis", redis_url=proxy.url, probe_interval=3600)
+    shared = make_limiter("redis")
+    await proxy.stop()
+    assert (await limiter.hit(user_id=10, limit=5)).allowed
+    await proxy.start()
+    assert (await limiter.hit(user_id=10, limit=5)).allowed  # still on the process window
+    assert limiter.degraded
+    assert (await shared.peek(user_id=10, limit=5)).used == 0
+    await limiter.aclose()
+    await shared.aclose()
+    await proxy.stop()
+
+
+def _principal(user_id: int, requests_per_hour: int) -> Principal:
+    return Principal(
+        user_id=user_id,
+        username=f"u{user_id}",
+        is_staff=False,
+        plan="free",
+        priority=0,
+        allowed_providers=frozenset({"deepseek"}),
+        requests_per_hour=requests_per_hour,
+        tokens_per_day=1000,
+        api_key_id=None,
+    )
+
+
+async def test_limit_hit_and_peek_use_the_principal_and_the_settings(settings: object) -> None:
+    settings.RATE_LIMIT_NAMESPACE = f"test-{uuid.uuid4().hex}"  # type: ignore[attr-defined]
+    principal = _principal(11, requests_per_hour=2)
+    limiter = request_limiter()
+    assert limiter.redis_url == settings.REDIS_URL  # type: ignore[attr-defined]
+    assert [(await limit_hit(principal)).allowed for _ in range(3)] == [True, True, False]
+    peeked = await limit_peek(principal)
+    assert (peeked.used, peeked.remaining, peeked.allowed) == (2, 0, False)
+
+    settings.REDIS_URL = ""  # type: ignore[attr-defined]
+    assert request_limiter().redis_url == ""
+    assert (await limit_hit(principal)).allowed  # a fresh in-process window
+    await limiter.aclose()

@@ -1,0 +1,81 @@
+"""The one admission check every transport runs before the upstream call: daily tokens, then requests per hour."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from channels.db import database_sync_to_async
+from django.db import InterfaceError, OperationalError
+
+from accounts.principal import Principal
+from chatservice.errors import ServiceError
+from usage.limiter import LimitState, RequestLimiter, limit_hit
+from usage.quotas import Reservation, token_release, token_reserve
+
+logger = logging.getLogger(__name__)
+_DATABASE_DOWN = (OperationalError, InterfaceError)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """An admitted request: the tokens held for it, and its hourly window (already counting it)."""
+
+    reservation: Reservation
+    limit: LimitState
+
+
+def rate_limit_headers(limit: LimitState) -> dict[str, str]:
+    """`X-RateLimit-*` for the hourly request limit, as successful responses carry them."""
+    return {
+        "X-RateLimit-Limit": str(limit.limit),
+        "X-RateLimit-Remaining": str(limit.remaining),
+        "X-RateLimit-Reset": str(limit.reset_seconds),
+    }
+
+
+def rate_limit_exceeded(limit: LimitState) -> ServiceError:
+    """The 429 for a full hourly window; Retry-After is when the oldest counted request leaves it."""
+    retry_after = max(1, limit.reset_seconds)
+    return ServiceError(
+        "rate_limit_exceeded",
+        f"The limit of {limit.limit} requests per hour is reached; retry in {retry_after} seconds.",
+        status=429,
+        details={"limit": limit.limit, "used": limit.used, "remaining": limit.remaining, "reset_seconds": retry_after},
+        headers={**rate_limit_headers(limit), "Retry-After": str(retry_after)},
+    )
+
+
+def database_unavailable() -> ServiceError:
+    return ServiceError("database_unavailable", "The database is unavailable; retry shortly.", status=503)
+
+
+async def admit(*, principal: Principal, estimated_tokens: int, limiter: RequestLimiter | None = None) -> Admission:
+    """Reserve the request's estimated tokens, then count it against the hourly limit, or raise a 429/503.
+
+    A request refused by the token quota is not counted hourly; one refused hourly gets its tokens
+    back. The caller owns the returned reservation: settle it with the UsageRecord, or release it.
+    """
+    try:
+        reservation = await database_sync_to_async(token_reserve)(
+            user_id=principal.user_id, limit=principal.tokens_per_day, tokens=estimated_tokens
+        )
+    except _DATABASE_DOWN as exc:
+        raise database_unavailable() from exc
+    try:
+        state = await limit_hit(principal, limiter=limiter)
+    except BaseException:
+        await _release(reservation)
+        raise
+    if not state.allowed:
+        await _release(reservation)
+        raise rate_limit_exceeded(state)
+    return Admission(reservation=reservation, limit=state)
+
+
+async def _release(reservation: Reservation) -> None:
+    try:
+        await database_sync_to_async(token_release)(reservation=reservation)
+    except _DATABASE_DOWN:
+        # The reservation expires and is reaped: its tokens come back then.
+        logger.warning("could not release token reservation %s; it will be reaped", reservation.id, exc_info=True)

@@ -1,0 +1,345 @@
+"""Requests per hour per user: an exact moving window on `limits`, in Redis when configured, per process otherwise.
+
+The window is `limits`' moving window: a request counts from the instant it is admitted through the
+instant one window later, inclusive, and a refused request is never counted. With REDIS_URL set the
+window lives in Redis and is updated by `limits`' Lua scripts, so it is atomic across processes and
+machines; without it, or while Redis is unreachable, each process keeps its own window (a warning is
+logged once per outage, and Redis is used again as soon as it answers).
+
+Clock: `limits` reads `time.time()` inside its storages, which a test cannot move. The two storage
+methods the moving-window strategy calls (`acquire_entry`, `get_moving_window`) are overridden here to
+read `RequestLimiter.clock` instead; for Redis they pass that timestamp to the library's own Lua scripts,
+so the same clock drives the Redis and the in-process window and both can be tested at their edges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from django.conf import settings
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage.redis.redispy import RedispyBridge
+from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from accounts.principal import Principal
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+WINDOW_SECONDS = 3600
+PROBE_INTERVAL_SECONDS = 5.0  # while Redis is down, how often a request tries it again
+_REDIS_ERRORS = (RedisError, OSError)
+_SWEEP_EVERY = 1000  # in-process windows: drop idle users' windows every this many hits
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """A user's hourly request window: `used` already includes an admitted request."""
+
+    limit: int
+    used: int
+    remaining: int
+    reset_seconds: int  # whole seconds until the oldest counted request leaves the window (0: none)
+    allowed: bool
+
+
+class _UserWindow(RateLimitItemPerSecond):
+    """A window of `amount` requests per `multiples` seconds, keyed by user alone.
+
+    `limits` puts the amount in the key; leaving it out keeps a user's window when their plan's
+    limit changes (the scripts only look at the newest `limit` entries, so a lower limit holds at once).
+    """
+
+    def key_for(self, *identifiers: bytes | str | int | float) -> str:
+        return "/".join([self.namespace, *(str(part) for part in identifiers)])
+
+
+class _ClockedMemoryStorage(MemoryStorage):
+    """`limits`' in-process storage with the moving window read from `clock`, safe across event loops.
+
+    Timestamps are kept newest first and trimmed to the limit on each hit, as the Redis script does,
+    so memory stays bounded without the library's background expiry task (which reads `time.time()`).
+    A thread lock (no await inside) replaces per-loop asyncio locks: sync views run the async pipeline
+    on short-lived loops, and this storage outlives them.
+    """
+
+    def __init__(self, *, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+        self._windows: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        self._hits = 0
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        now = self.clock()
+        with self._lock:
+            window = self._windows.setdefault(key, [])
+            if len(window) > limit - amount and window[limit - amount] >= now - expiry:
+                return False
+            window[:0] = [now] * amount
+            del window[limit:]
+            self._hits += 1
+            if self._hits % _SWEEP_EVERY == 0:
+                self._sweep(now, expiry)
+        return True
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = self.clock()
+        with self._lock:
+            counted = [t for t in self._windows.get(key, [])[:limit] if t >= now - expiry]
+        if counted:
+            return counted[-1], len(counted)
+        return now, 0
+
+    async def clear(self, key: str) -> None:
+        with self._lock:
+            self._windows.pop(key, None)
+
+    async def reset(self) -> int | None:
+        with self._lock:
+            count = len(self._windows)
+            self._windows.clear()
+        return count
+
+    def _sweep(self, now: float, expiry: int) -> None:
+        for key in [k for k, window in self._windows.items() if not window or window[0] < now - expiry]:
+            del self._windows[key]
+
+
+class _ClockedRedisStorage(RedisStorage):
+    """`limits`' Redis storage (redis-py client) whose moving-window scripts get their timestamp from `clock`."""
+
+    def __init__(self, uri: str, *, clock: Clock, key_prefix: str) -> None:
+        # Fail fast and let the limiter degrade: no backoff, one retry for a stale pooled connection.
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 0.5,
+            "socket_timeout": 1.0,
+            "retry": Retry(NoBackoff(), 1),
+        }
+        super().__init__(uri, implementation="redispy", key_prefix=key_prefix, **options)
+        self.clock = clock
+
+    @property
+    def _redispy(self) -> RedispyBridge:
+        return cast(RedispyBridge, self.bridge)
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        bridge = self._redispy
+        acquired = await bridge.lua_acquire_moving_window(
+            [bridge.prefixed_key(key)], [self.clock(), limit, expiry, amount]
+        )
+        return bool(acquired)
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        bridge = self._redispy
+        now = self.clock()
+        window = await bridge.lua_moving_window([bridge.prefixed_key(key)], [now - expiry, limit])
+        if window:
+            return float(window[0]), int(window[1])
+        return now, 0
+
+    async def aclose(self) -> None:
+        await self._redispy.storage.aclose()
+
+
+def _storage_uri(redis_url: str) -> str:
+    """REDIS_URL in the form `limits` expects (`async+redis://…`)."""
+    if redis_url.startswith("unix://"):
+        return "async+redis+unix://" + redis_url.removeprefix("unix://")
+    return redis_url if redis_url.startswith("async+") else f"async+{redis_url}"
+
+
+def _whole_seconds_after(instant: float, now: float) -> int:
+    """The fewest whole seconds to wait until strictly after `instant` (the window's edge is inclusive)."""
+    return max(0, math.floor(instant - now) + 1)
+
+
+class RequestLimiter:
+    """Hourly request windows keyed by user: shared in Redis when `redis_url` is set, in this process otherwise.
+
+    `clock` (seconds, float) is an attribute so tests can move time; `probe_interval` is how long a
+    Redis outage keeps requests on the per-process window before Redis is tried again.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis_url: str = "",
+        key_prefix: str = "chat:rph",
+        window_seconds: int = WINDOW_SECONDS,
+        clock: Clock = time.time,
+        probe_interval: float = PROBE_INTERVAL_SECONDS,
+    ) -> None:
+        self.redis_url = redis_url
+        self.key_prefix = key_prefix
+        self.window_seconds = window_seconds
+        self.clock = clock
+        self.probe_interval = probe_interval
+        self._local = MovingWindowRateLimiter(_ClockedMemoryStorage(clock=self._now))
+        # redis.asyncio connections belong to one event loop: one client per loop.
+        self._shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MovingWindowRateLimiter] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._state_lock = threading.Lock()
+        self._redis_down = False
+        self._next_probe = 0.0
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is configured but unreachable (requests use the per-process window)."""
+        return self._redis_down
+
+    async def hit(self, *, user_id: int, limit: int) -> LimitState:
+        """Count one request for `user_id` if the window has room; a refused request is not counted."""
+        if limit <= 0:
+            return LimitState(limit=0, used=0, remaining=0, reset_seconds=self.window_seconds, allowed=False)
+        item = _UserWindow(limit, self.window_seconds, namespace="requests")
+
+        async def on(strategy: MovingWindowRateLimiter) -> LimitState:
+            allowed = await strategy.hit(item, "user", str(user_id))
+            return await self._state(strategy, item, user_id, allowed=allowed)
+
+        return await self._run(on)
+
+    async def peek(self, *, user_id: int, limit: int) -> LimitState:
+        """The window as it stands, counting nothing (for `/usage`)."""
+        if limit <= 0:
+            return LimitState(limit=0, used=0, remaining=0, reset_seconds=0, allowed=False)
+        item = _UserWindow(limit, self.window_seconds, namespace="requests")
+
+        async def on(strategy: MovingWindowRateLimiter) -> LimitState:
+            return await self._state(strategy, item, user_id, allowed=None)
+
+        return await self._run(on)
+
+    async def clear(self, *, user_id: int) -> None:
+        """Forget a user's window (operators; tests), wherever it is kept."""
+        item = _UserWindow(1, self.window_seconds, namespace="requests")
+
+        async def on(strategy: MovingWindowRateLimiter) -> None:
+            await strategy.clear(item, "user", str(user_id))
+
+        await self._run(on)
+        await self._local.clear(item, "user", str(user_id))
+
+    async def aclose(self) -> None:
+        """Close this event loop's Redis connections."""
+        strategy = self._shared.pop(asyncio.get_running_loop(), None)
+        if strategy is not None:
+            await cast(_ClockedRedisStorage, strategy.storage).aclose()
+
+    def _now(self) -> float:
+        return self.clock()
+
+    async def _state(
+        self, strategy: MovingWindowRateLimiter, item: _UserWindow, user_id: int, *, allowed: bool | None
+    ) -> LimitState:
+        stats = await strategy.get_window_stats(item, "user", str(user_id))
+        limit = item.amount
+        remaining = max(0, min(limit, stats.remaining))
+        used = limit - remaining
+        # stats.reset_time is when the oldest counted request leaves the window.
+        reset = _whole_seconds_after(stats.reset_time, self.clock()) if used else 0
+        return LimitState(
+            limit=limit,
+            used=used,
+            remaining=remaining,
+            reset_seconds=reset,
+            allowed=remaining > 0 if allowed is None else allowed,
+        )
+
+    async def _run(self, operation: Callable[[MovingWindowRateLimiter], Awaitable[T]]) -> T:
+        """Run on Redis when it is configured and reachable, else on this process's window.
+
+        A request whose Redis write landed just before Redis failed may be counted in both windows:
+        the outage can only make the limit stricter, never looser.
+        """
+        shared = self._shared_strategy()
+        if shared is not None:
+            try:
+                result = await operation(shared)
+            except _REDIS_ERRORS as exc:
+                self._mark_down(exc)
+            else:
+                self._mark_up()
+                return result
+        return await operation(self._local)
+
+    def _shared_strategy(self) -> MovingWindowRateLimiter | None:
+        if not self.redis_url or (self._redis_down and time.monotonic() < self._next_probe):
+            return None
+        loop = asyncio.get_running_loop()
+        strategy = self._shared.get(loop)
+        if strategy is None:
+            storage = _ClockedRedisStorage(_storage_uri(self.redis_url), clock=self._now, key_prefix=self.key_prefix)
+            strategy = self._shared[loop] = MovingWindowRateLimiter(storage)
+        return strategy
+
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._state_lock:
+            self._next_probe = time.monotonic() + self.probe_interval
+            if self._redis_down:
+                return
+            self._redis_down = True
+        logger.warning(
+            "redis unreachable for the request limiter (%s: %s); requests per hour are limited per process",
+            type(exc).__name__,
+            exc,
+        )
+
+    def _mark_up(self) -> None:
+        with self._state_lock:
+            if not self._redis_down:
+                return
+            self._redis_down = False
+        logger.info("redis is reachable again; requests per hour are limited across processes again")
+
+
+class _ProcessLimiter:
+    """The process's limiter, built from settings on first use and rebuilt if REDIS_URL changes."""
+
+    def __init__(self) -> None:
+        self._limiter: RequestLimiter | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> RequestLimiter:
+        redis_url = str(getattr(settings, "REDIS_URL", "") or "")
+        prefix = str(getattr(settings, "RATE_LIMIT_NAMESPACE", "chat")) + ":rph"
+        with self._lock:
+            current = self._limiter
+            if current is None or current.redis_url != redis_url or current.key_prefix != prefix:
+                current = self._limiter = RequestLimiter(redis_url=redis_url, key_prefix=prefix)
+            return current
+
+
+_process_limiter = _ProcessLimiter()
+
+
+def request_limiter() -> RequestLimiter:
+    """The limiter `limit_hit` and `limit_peek` use unless given one."""
+    return _process_limiter.get()
+
+
+async def limit_hit(principal: Principal, *, limiter: RequestLimiter | None = None) -> LimitState:
+    """Count one request against the principal's hourly limit, if it fits; a refused one is not counted."""
+    return await (limiter or request_limiter()).hit(user_id=principal.user_id, limit=principal.requests_per_hour)
+
+
+async def limit_peek(principal: Principal, *, limiter: RequestLimiter | None = None) -> LimitState:
+    """The principal's hourly window as it stands, counting nothing."""
+    return await (limiter or request_limiter()).peek(user_id=principal.user_id, limit=principal.requests_per_hour)
