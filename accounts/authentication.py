@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from channels.db import database_sync_to_async
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
 from accounts.principal import Principal
 from accounts.selectors import api_key_aauthenticate, api_key_authenticate, principal_for_user, raw_key_from_headers
+from chatservice.db import db_async
 from chatservice.errors import unauthenticated
 
 
@@ -55,5 +55,5 @@ async def authenticate_scope(scope: dict[str, Any]) -> Principal | None:
         return await api_key_aauthenticate(raw_key)
     user = scope.get("user")
     if user is not None and getattr(user, "is_authenticated", False):
-        return await database_sync_to_async(principal_for_user)(user.pk)
+        return await db_async(principal_for_user)(user.pk)
     return None

@@ -7,13 +7,13 @@ import time
 from collections import OrderedDict
 from datetime import timedelta
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
 from accounts.models import ApiKey
 from accounts.principal import Principal
 from accounts.services import KEY_PREFIX, hash_key
+from chatservice.db import db_async
 
 _LAST_USED_GRANULARITY = timedelta(seconds=60)
 _CACHE_MAX_ENTRIES = 10_000
@@ -92,7 +92,9 @@ def api_key_authenticate(raw_key: str) -> Principal | None:
     prefix = _parse_prefix(raw_key)
     if prefix is None:
         return None
-    api_key = ApiKey.objects.filter(prefix=prefix).only("id", "user_id", "key_hash", "revoked_at", "last_used_at").first()
+    api_key = (
+        ApiKey.objects.filter(prefix=prefix).only("id", "user_id", "key_hash", "revoked_at", "last_used_at").first()
+    )
     if api_key is None or api_key.revoked_at is not None:
         return None
     if not hmac.compare_digest(api_key.key_hash, key_hash):
@@ -113,7 +115,7 @@ async def api_key_aauthenticate(raw_key: str) -> Principal | None:
         cached = key_cache.get(hash_key(raw_key))
         if cached is not None:
             return cached
-    return await sync_to_async(api_key_authenticate, thread_sensitive=False)(raw_key)
+    return await db_async(api_key_authenticate)(raw_key)
 
 
 def raw_key_from_headers(headers: dict[str, str]) -> str:

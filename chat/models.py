@@ -43,3 +43,6 @@ class Message(models.Model):
     class Meta:
         ordering = ["id"]
         indexes = [models.Index(fields=["conversation", "id"], name="message_conversation_order")]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:40]}"

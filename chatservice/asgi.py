@@ -1,4 +1,4 @@
-"""The ASGI application: Django for HTTP, Channels for WebSocket, the sandbox at /sandbox."""
+"""The ASGI application: streaming chat endpoints and Django over HTTP, Channels for WebSocket."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatservice.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.sessions import CookieMiddleware, SessionMiddleware  # noqa: E402
-from channels.auth import AuthMiddleware  # noqa: E402
-from django.urls import path, re_path  # noqa: E402
+from django.urls import re_path  # noqa: E402
 
 from chatservice.routing import http_routes, websocket_application  # noqa: E402
 
+django_route = re_path(r"", django_asgi_app)  # type: ignore[arg-type]
 application = ProtocolTypeRouter(
     {
-        "http": URLRouter([*http_routes(), re_path(r"", django_asgi_app)]),
+        "http": URLRouter([*http_routes(), django_route]),
         "websocket": websocket_application(),
     }
 )

@@ -18,9 +18,7 @@ def health(request: HttpRequest) -> JsonResponse:
             cursor.execute("SELECT 1")
     except Exception as exc:  # any driver error means "not reachable" here
         database = f"unreachable: {type(exc).__name__}"
-    providers = {
-        name: {"configured": True, "sandbox": provider_config(name).sandboxed} for name in PROVIDERS
-    }
+    providers = {name: {"configured": True, "sandbox": provider_config(name).sandboxed} for name in PROVIDERS}
     healthy = database == "ok"
     return JsonResponse(
         {"status": "ok" if healthy else "degraded", "database": database, "providers": providers},

@@ -19,8 +19,7 @@ _INSECURE_DEV_KEY = "dev-insecure-key-do-not-use-in-production"
 SECRET_KEY: str = env.str("SECRET_KEY", default=_INSECURE_DEV_KEY if DEBUG else "")
 if not SECRET_KEY or (not DEBUG and (SECRET_KEY == _INSECURE_DEV_KEY or len(SECRET_KEY) < 32)):
     raise ImproperlyConfigured(
-        "SECRET_KEY must be set to a random string of at least 32 characters "
-        "(or set DEBUG=true for local development)."
+        "SECRET_KEY must be set to a random string of at least 32 characters (or set DEBUG=true for local development)."
     )
 ALLOWED_HOSTS: list[str] = [h for h in env.list("ALLOWED_HOSTS", default=[]) if h] or (
     ["localhost", "127.0.0.1", "[::1]", "testserver"] if DEBUG else []
@@ -89,8 +88,10 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db_url_config(env.str("DATABASE_URL", default="") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
 }
-# Short-lived connections: no connection is held across an upstream call.
-DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
+# Connections are reused by the database thread pool between short transactions (never held
+# in a transaction across an upstream call), health-checked before reuse.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL: str = env.str("REDIS_URL", default="")
@@ -168,6 +169,8 @@ CIRCUIT_FAILURE_THRESHOLD: int = env.int("CIRCUIT_FAILURE_THRESHOLD", default=5)
 CIRCUIT_COOLDOWN_SECONDS: float = env.float("CIRCUIT_COOLDOWN_SECONDS", default=30.0)
 LONG_CONVERSATION_TOKENS: int = env.int("LONG_CONVERSATION_TOKENS", default=8000)
 MAX_INFLIGHT_PER_PROVIDER: int = env.int("MAX_INFLIGHT_PER_PROVIDER", default=64)
+# Prefix of the router's shared circuit and status keys in Redis.
+ROUTER_STATE_NAMESPACE: str = env.str("ROUTER_STATE_NAMESPACE", default="chat")
 PRIORITY_MAX_WAIT_SECONDS: float = env.float("PRIORITY_MAX_WAIT_SECONDS", default=10.0)
 
 # --- Requests --------------------------------------------------------------------------------

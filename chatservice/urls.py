@@ -1,11 +1,28 @@
-"""URL routes of the HTTP API; streaming and WebSocket routes are in `chatservice.asgi`."""
+"""URL routes served by Django. The chat endpoints themselves are ASGI apps (chatservice.routing)."""
 
 from django.contrib import admin
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from chatservice import health
+from chat.views import ConversationDetail, ConversationList
+from chatservice import health, metrics_view
+from providers.api import ModelListView
+from providers.views import model_status_view
+from usage.views import UsageView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("health", health.health, name="health"),
+    path("metrics", metrics_view.metrics, name="metrics"),
+    path("models", ModelListView.as_view(), name="models"),
+    path("models/<path:model>/status", model_status_view, name="model-status"),
+    path("usage", UsageView.as_view(), name="usage"),
+    path("history", ConversationList.as_view(), name="history"),
+    path("history/<uuid:conversation_id>", ConversationDetail.as_view(), name="conversation"),
+    path("schema/", SpectacularAPIView.as_view(permission_classes=[], authentication_classes=[]), name="schema"),
+    path(
+        "docs/",
+        SpectacularSwaggerView.as_view(url_name="schema", permission_classes=[], authentication_classes=[]),
+        name="docs",
+    ),
 ]

@@ -171,3 +171,30 @@ class ModelNotFound(FinalError):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.code = "provider_model_not_found"
+
+
+@dataclass
+class DeadlineExceeded(FinalError):
+    """The request's overall deadline passed across all attempts and fallbacks."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.code = "deadline_exceeded"
+
+
+@dataclass
+class AllProvidersFailed(FinalError):
+    """Every candidate failed or was skipped (open circuit, maintenance, plan)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.code = "no_provider_available"
+
+
+@dataclass
+class ProviderSaturated(FinalError):
+    """The priority lane's wait ran out: too many in-flight calls to this provider."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.code = "provider_saturated"

@@ -6,8 +6,7 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
-from asgiref.sync import sync_to_async
-
+from chatservice.db import db_async
 from chatservice.errors import ServiceError
 from providers.models import LLMModel, ProviderName
 
@@ -81,7 +80,7 @@ def catalog_entries() -> tuple[CatalogEntry, ...]:
 async def acatalog_entries() -> tuple[CatalogEntry, ...]:
     if catalog_cache.is_fresh():
         return catalog_cache.entries()
-    return await sync_to_async(catalog_cache.entries, thread_sensitive=False)()
+    return await db_async(catalog_cache.entries)()
 
 
 def provider_default(entries: tuple[CatalogEntry, ...], provider: str) -> CatalogEntry | None:

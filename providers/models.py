@@ -12,9 +12,6 @@ class ProviderName(models.TextChoices):
     GEMINI = "gemini", "Google Gemini"
 
 
-PRICE_FIELD = {"max_digits": 12, "decimal_places": 6}
-
-
 class LLMModel(models.Model):
     """One model a provider serves. Prices are USD per million tokens, exact decimals."""
 
@@ -25,9 +22,9 @@ class LLMModel(models.Model):
     )
     context_window = models.PositiveIntegerField()
     max_output_tokens = models.PositiveIntegerField()
-    input_price = models.DecimalField(**PRICE_FIELD)
-    cached_input_price = models.DecimalField(**PRICE_FIELD)
-    output_price = models.DecimalField(**PRICE_FIELD)
+    input_price = models.DecimalField(max_digits=12, decimal_places=6)
+    cached_input_price = models.DecimalField(max_digits=12, decimal_places=6)
+    output_price = models.DecimalField(max_digits=12, decimal_places=6)
     supports_streaming = models.BooleanField(default=True)
     supports_vision = models.BooleanField(default=False)
     is_provider_default = models.BooleanField(

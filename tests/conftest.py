@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +38,13 @@ def sandbox(sandbox_server: BackgroundServer) -> Iterator[SandboxState]:
     yield state
     settings.SANDBOX_URL = old
     registry.reset()
+
+
+@pytest.fixture(autouse=True)
+def _router_state_namespace(settings: Any) -> None:
+    """Each test gets its own circuit and status keys in Redis (failures in one test do not
+    open a circuit in the next)."""
+    settings.ROUTER_STATE_NAMESPACE = f"test-{uuid.uuid4().hex}"
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +96,21 @@ def make_user(db: None) -> Callable[..., tuple[Any, str]]:
         return user, api_key_create(user=user).raw_key
 
     return make
+
+
+@pytest.fixture(scope="session")
+def _service_server() -> Iterator[BackgroundServer]:
+    from chatservice.asgi import application
+
+    server = BackgroundServer(application).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def service_url(_service_server: BackgroundServer, sandbox: SandboxState, transactional_db: None) -> str:
+    """The whole service (the ASGI app) on a loopback port, providers on the test sandbox.
+
+    Tests that use it see the server's writes because they run with transactional_db.
+    """
+    return _service_server.url

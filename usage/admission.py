@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from channels.db import database_sync_to_async
 from django.db import InterfaceError, OperationalError
 
 from accounts.principal import Principal
+from chatservice.db import db_async
 from chatservice.errors import ServiceError
 from usage.limiter import LimitState, RequestLimiter, limit_hit
 from usage.quotas import Reservation, token_release, token_reserve
@@ -57,7 +57,7 @@ async def admit(*, principal: Principal, estimated_tokens: int, limiter: Request
     back. The caller owns the returned reservation: settle it with the UsageRecord, or release it.
     """
     try:
-        reservation = await database_sync_to_async(token_reserve)(
+        reservation = await db_async(token_reserve)(
             user_id=principal.user_id, limit=principal.tokens_per_day, tokens=estimated_tokens
         )
     except _DATABASE_DOWN as exc:
@@ -75,7 +75,7 @@ async def admit(*, principal: Principal, estimated_tokens: int, limiter: Request
 
 async def _release(reservation: Reservation) -> None:
     try:
-        await database_sync_to_async(token_release)(reservation=reservation)
+        await db_async(token_release)(reservation=reservation)
     except _DATABASE_DOWN:
         # The reservation expires and is reaped: its tokens come back then.
         logger.warning("could not release token reservation %s; it will be reaped", reservation.id, exc_info=True)

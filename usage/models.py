@@ -20,9 +20,6 @@ class UsageSourceChoice(models.TextChoices):
     ESTIMATED = "estimated", "estimated"
 
 
-MONEY = {"max_digits": 24, "decimal_places": 12}
-
-
 class UsageRecord(models.Model):
     """What one request used and cost. Written once, by `usage.services.usage_settle`."""
 
@@ -38,7 +35,7 @@ class UsageRecord(models.Model):
     input_tokens = models.PositiveIntegerField(default=0)
     cached_input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
-    cost = models.DecimalField(**MONEY, default=0)
+    cost = models.DecimalField(max_digits=24, decimal_places=12, default=0)
     input_price = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     cached_input_price = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
     output_price = models.DecimalField(max_digits=12, decimal_places=6, null=True, blank=True)
@@ -75,6 +72,9 @@ class DailyTokenUsage(models.Model):
             models.CheckConstraint(condition=models.Q(reserved__gte=0), name="daily_usage_reserved_gte_0"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.user_id} {self.day}: {self.used} used, {self.reserved} reserved"
+
 
 class TokenReservation(models.Model):
     """Tokens held for one in-flight request; settled, released, or reaped after `expires_at`."""
@@ -85,3 +85,6 @@ class TokenReservation(models.Model):
     tokens = models.BigIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.tokens} tokens for {self.user_id} on {self.day}"

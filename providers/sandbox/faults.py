@@ -27,10 +27,35 @@ DEFAULT_REPLY_TOKENS = 12
 HANG_SECONDS = 300.0
 
 _MARKER = re.compile(r"\[\[([a-z-]+)(?::([^\]@*]+))?(?:\*(\d+))?(?:@([a-z]+))?\]\]")
-_WORDS = (
-    "sandbox alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
-    "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
-).split()
+_WORDS = [
+    "sandbox",
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+]
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,4 @@ def stream_response(
         finally:
             state.stream_closed(completed=completed)
 
-    return StreamingResponse(
-        body(), media_type=media_type, headers={"cache-control": "no-cache", "x-sandbox": "1"}
-    )
+    return StreamingResponse(body(), media_type=media_type, headers={"cache-control": "no-cache", "x-sandbox": "1"})

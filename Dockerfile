@@ -1,0 +1,17 @@
+# The Chat Service image: Python 3.11, the pinned requirements, served by daphne on :8002.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+COPY . .
+RUN useradd --create-home --uid 10001 chat && mkdir -p /app/.cache && chown -R chat /app/.cache
+USER chat
+
+EXPOSE 8002
+CMD ["daphne", "-b", "0.0.0.0", "-p", "8002", "chatservice.asgi:application"]

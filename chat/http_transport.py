@@ -1,0 +1,157 @@
+"""HTTP plumbing for the chat endpoints: bounded body reads, JSON errors, SSE, disconnect watch.
+
+The chat endpoints are small ASGI apps rather than Django views: they read the body with a
+size limit before parsing, watch for the client's disconnect while the reply streams (so
+the upstream call is cancelled and billed as such), and add no thread hop to the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from django.conf import settings
+
+from accounts.principal import Principal
+from accounts.selectors import api_key_aauthenticate, raw_key_from_headers
+from chat.events import Done, Failed, sse_frame
+from chat.pipeline import ChatRun
+from chatservice.errors import ServiceError, unauthenticated
+from chatservice.request_ids import request_id_from
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+SSE_HEADERS = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
+
+
+@dataclass
+class Exchange:
+    """One HTTP request/response on a chat endpoint."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    headers: dict[str, str] = field(init=False)
+    request_id: uuid.UUID = field(init=False)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}
+        self.request_id = request_id_from(self.headers.get("x-request-id"))
+
+    async def authenticate(self) -> Principal:
+        raw_key = raw_key_from_headers(self.headers)
+        if not raw_key:
+            raise unauthenticated()
+        principal = await api_key_aauthenticate(raw_key)
+        if principal is None:
+            raise unauthenticated("The API key is invalid or revoked.")
+        return principal
+
+    async def read_body(self) -> bytes:
+        """The request body, refused with 413 as soon as it is known to exceed MAX_REQUEST_BYTES."""
+        limit = settings.MAX_REQUEST_BYTES
+        too_large = ServiceError(
+            "request_too_large", f"The request body exceeds {limit} bytes.", status=413, details={"limit": limit}
+        )
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected.set()
+                raise asyncio.CancelledError()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _headers(self, content_type: bytes, extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", content_type), (b"x-request-id", str(self.request_id).encode())]
+        for name, value in (extra or {}).items():
+            headers.append((name.lower().encode("latin-1"), str(value).encode("latin-1")))
+        return headers
+
+    async def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        payload = orjson.dumps(body)
+        response_headers = self._headers(b"application/json", headers)
+        response_headers.append((b"content-length", str(len(payload)).encode()))
+        await self.send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await self.send({"type": "http.response.body", "body": payload})
+
+    async def send_error(self, error: ServiceError, headers: dict[str, str] | None = None) -> None:
+        await self.send_json(error.status, error.body(), {**(headers or {}), **error.headers})
+
+    async def start_sse(self, headers: dict[str, str] | None = None) -> None:
+        response_headers = [*SSE_HEADERS, (b"x-request-id", str(self.request_id).encode())]
+        response_headers += [
+            (k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in (headers or {}).items()
+        ]
+        await self.send({"type": "http.response.start", "status": 200, "headers": response_headers})
+
+    async def send_chunk(self, data: bytes, *, more: bool = True) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def watch_disconnect(self, on_disconnect: Callable[[], None]) -> None:
+        """Run until the client goes away, then call `on_disconnect` (cancel the upstream call)."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected.set()
+                on_disconnect()
+                return
+
+
+@contextlib.asynccontextmanager
+async def disconnect_guard(exchange: Exchange, runs: list[ChatRun]) -> AsyncIterator[None]:
+    """While the block runs, a client disconnect cancels every run in `runs` (read at that moment)."""
+
+    def cancel_all() -> None:
+        for run in runs:
+            run.cancel("cancelled")
+
+    watcher = asyncio.create_task(exchange.watch_disconnect(cancel_all))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def stream_sse(exchange: Exchange, run: ChatRun, headers: dict[str, str]) -> None:
+    """Send the run as Server-Sent Events; a disconnect cancels it (billed as cancelled)."""
+    await exchange.start_sse(headers)
+    async with disconnect_guard(exchange, [run]):
+        async for event in run.events():
+            if exchange.disconnected.is_set():
+                break
+            await exchange.send_chunk(sse_frame(event))
+    if not exchange.disconnected.is_set():
+        await exchange.send_chunk(b"", more=False)
+    await run.wait_settled()
+
+
+async def collect(run: ChatRun) -> Done | Failed | None:
+    """Drive a run to its end without streaming: the terminal event (None if it was cancelled)."""
+    async for event in run.events():
+        if isinstance(event, Done | Failed):
+            return event
+    return None

@@ -1,0 +1,251 @@
+"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`.
+
+Same pipeline, limits and ledger as every other transport; requests and replies in OpenAI's
+shapes (errors included, so the official SDK raises its own exception classes) for every
+model in the catalog. The messages go upstream as sent; nothing is kept in a conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from chat.events import Done, Failed, Started, Token
+from chat.http_transport import Exchange, Receive, Scope, Send, collect, disconnect_guard
+from chat.pipeline import ChatRun, Passthrough, prepare
+from chat.schemas import ChatRequest, validation_error
+from chatservice.errors import ServiceError
+from providers.base import ChatMessage
+from providers.catalog import acatalog_entries
+from usage.admission import rate_limit_headers
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The subset of OpenAI's chat completions request the gateway serves; anything else is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: Literal[1] | None = None
+
+
+def openai_error(error: ServiceError) -> dict[str, Any]:
+    """OpenAI's error body for a ServiceError."""
+    fields = error.details.get("fields") if isinstance(error.details, dict) else None
+    param = next(iter(fields)) if isinstance(fields, dict) and fields else None
+    kind = _ERROR_TYPES.get(error.status, "server_error" if error.status >= 500 else "invalid_request_error")
+    return {"error": {"message": error.message, "type": kind, "param": param, "code": error.code}}
+
+
+async def _send_openai_error(exchange: Exchange, error: ServiceError, headers: dict[str, str] | None = None) -> None:
+    await exchange.send_json(error.status, openai_error(error), {**(headers or {}), **error.headers})
+
+
+def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
+    try:
+        request = CompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        error = validation_error(exc)
+        fields = error.details.get("fields", {})
+        unknown = [name for name, why in fields.items() if why == "unknown field"]
+        if unknown:
+            error.message = f"Unrecognized request argument supplied: {', '.join(unknown)}"
+        raise error from None
+    messages = tuple(
+        ChatMessage("system" if m.role == "developer" else m.role, m.text())
+        for m in request.messages
+    )
+    users = [m.content for m in messages if m.role == "user"]
+    if not users or not any(u.strip() for u in users):
+        raise ServiceError(
+            "invalid_request",
+            "messages must include a non-empty user message.",
+            status=400,
+            details={"fields": {"messages": "must include a user message"}},
+        )
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    chat = ChatRequest(
+        message=users[-1],
+        model=request.model,
+        temperature=request.temperature,
+        max_tokens=request.max_completion_tokens or request.max_tokens,
+        stream=request.stream,
+    )
+    return request, chat, Passthrough(messages=messages, stop=stop)
+
+
+def _completion_id(run: ChatRun) -> str:
+    return f"chatcmpl-{run.prepared.request_id.hex}"
+
+
+def _usage(response: dict[str, Any]) -> dict[str, int]:
+    return {
+        "prompt_tokens": response["input_tokens"],
+        "completion_tokens": response["output_tokens"],
+        "total_tokens": response["tokens_used"],
+    }
+
+
+class ChatCompletions:
+    """ASGI app for `POST /v1/chat/completions` (JSON, or `data:` chunks when `stream` is true)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = Exchange(scope, receive, send)
+        try:
+            if scope["method"] != "POST":
+                raise ServiceError("method_not_allowed", "Use POST.", status=405)
+            principal = await exchange.authenticate()
+            request, chat, passthrough = _parse(await exchange.read_body())
+            prepared = await prepare(
+                principal=principal,
+                chat=chat,
+                transport="openai",
+                request_id=exchange.request_id,
+                passthrough=passthrough,
+            )
+        except ServiceError as error:
+            await _send_openai_error(exchange, error)
+            return
+        except asyncio.CancelledError:
+            return
+        run = ChatRun(prepared)
+        headers = rate_limit_headers(prepared.admission.limit)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            await self._stream(exchange, run, headers, request.model, include_usage)
+            return
+        async with disconnect_guard(exchange, [run]):
+            result = await collect(run)
+        await run.wait_settled()
+        if exchange.disconnected.is_set() or result is None:
+            return
+        if isinstance(result, Failed):
+            await _send_openai_error(exchange, result.error, headers)
+            return
+        response = result.response
+        body = {
+            "id": _completion_id(run),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": response["model_used"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": response["message"]},
+                    "finish_reason": run.finish_reason,
+                }
+            ],
+            "usage": _usage(response),
+        }
+        await exchange.send_json(200, body, headers)
+
+    async def _stream(
+        self, exchange: Exchange, run: ChatRun, headers: dict[str, str], model: str, include_usage: bool
+    ) -> None:
+        await exchange.start_sse(headers)
+        created = int(time.time())
+        completion_id = _completion_id(run)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            payload = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
+            return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+        async with disconnect_guard(exchange, [run]):
+            async for event in run.events():
+                if exchange.disconnected.is_set():
+                    break
+                if isinstance(event, Started):
+                    model = event.model
+                    await exchange.send_chunk(chunk({"role": "assistant", "content": ""}))
+                elif isinstance(event, Token):
+                    await exchange.send_chunk(chunk({"content": event.delta}))
+                elif isinstance(event, Done):
+                    frames = chunk({}, run.finish_reason)
+                    if include_usage:
+                        usage_chunk = {
+                            "id": completion_id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": _usage(event.response),
+                        }
+                        frames += b"data: " + orjson.dumps(usage_chunk) + b"\n\n"
+                    await exchange.send_chunk(frames + b"data: [DONE]\n\n")
+                elif isinstance(event, Failed):
+                    await exchange.send_chunk(b"data: " + orjson.dumps(openai_error(event.error)) + b"\n\n")
+        if not exchange.disconnected.is_set():
+            await exchange.send_chunk(b"", more=False)
+        await run.wait_settled()
+
+
+class ModelList:
+    """ASGI app for `GET /v1/models`: the catalog in OpenAI's list shape."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = Exchange(scope, receive, send)
+        try:
+            if scope["method"] != "GET":
+                raise ServiceError("method_not_allowed", "Use GET.", status=405)
+            principal = await exchange.authenticate()
+        except ServiceError as error:
+            await _send_openai_error(exchange, error)
+            return
+        entries = await acatalog_entries()
+        data = [
+            {"id": e.name, "object": "model", "created": 0, "owned_by": e.provider}
+            for e in entries
+            if e.enabled and principal.allows_provider(e.provider)
+        ]
+        await exchange.send_json(200, {"object": "list", "data": data})

@@ -1,0 +1,411 @@
+"""The one chat pipeline every transport runs: prepare (refusals) then run (events, always settled).
+
+`prepare` does everything decided before the upstream call — validation beyond the schema,
+conversation, model selection, prompt fitting, admission — and raises ServiceError.
+`ChatRun` streams the routed reply through a bounded buffer and settles the ledger in a
+`finally`, however the stream ends (success, provider error, timeout, cancel, slow client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from django.conf import settings
+
+from accounts.principal import Principal
+from chat.errors import error_for_provider_failure
+from chat.events import ChatEvent, Done, Failed, Started, Token
+from chat.filtering import screen
+from chat.prompt import build_prompt, exact_prompt
+from chat.schemas import ChatRequest
+from chat.selectors import History, conversation_history
+from chatservice.db import db_async
+from chatservice.errors import ServiceError
+from providers.base import ChatMessage, Delta, Finish, ProviderError, Start, Usage
+from providers.catalog import CatalogEntry, acatalog_entries
+from providers.pricing import Prices, cost_of
+from providers.router import get_router
+from providers.routing_types import RouteRequest, RouteTrace, Selection
+from providers.selection import select_model
+from providers.tokens import count_text
+from usage.admission import Admission, admit
+from usage.metrics import observe_outcome
+from usage.models import UsageRecord
+from usage.services import ChatOutcome, usage_settle
+
+logger = logging.getLogger("chat.pipeline")
+request_logger = logging.getLogger("chat.requests")
+
+ANTHROPIC_MAX_TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A request that passed every check and holds its token reservation."""
+
+    request_id: uuid.UUID
+    principal: Principal
+    transport: str
+    chat: ChatRequest
+    selection: Selection
+    conversation_id: uuid.UUID
+    persist: bool  # keep the exchange in the conversation
+    system_prompt: str
+    route: RouteRequest
+    prompt_tokens: int
+    admission: Admission
+    flagged: bool
+    created_at: datetime
+    started: float
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """A full message list sent as is (the OpenAI-compatible API): no stored conversation."""
+
+    messages: tuple[ChatMessage, ...]
+    stop: tuple[str, ...] = ()
+
+
+async def prepare(
+    *,
+    principal: Principal,
+    chat: ChatRequest,
+    transport: str,
+    request_id: uuid.UUID,
+    passthrough: Passthrough | None = None,
+) -> PreparedChat:
+    """Check and admit a chat request; raise ServiceError for anything refused before the upstream call.
+
+    `chat.message` is the user's new turn. With `passthrough`, the given messages go upstream
+    unchanged (and must fit the context window); otherwise the prompt is the conversation's
+    system prompt and history, fitted to the window, then the message.
+    """
+    started = time.monotonic()
+    created_at = datetime.now(UTC)
+    verdict = await screen(chat.message)
+    history = History(system_prompt="", messages=())
+    if passthrough is not None:
+        history = History(system_prompt="", messages=passthrough.messages[:-1])
+    elif chat.conversation_id is not None:
+        history = await db_async(conversation_history)(user_id=principal.user_id, conversation_id=chat.conversation_id)
+    entries = await acatalog_entries()
+    history_text = "".join(m.content for m in history.messages)
+    history_tokens = count_text(history_text, "gpt-4o").tokens if history_text else 0
+    selection = await select_model(
+        requested=chat.model,
+        principal=principal,
+        user_message=chat.message,
+        history_tokens=history_tokens,
+        entries=entries,
+    )
+    entry = selection.entry
+    _check_options(chat, entry)
+    max_tokens = chat.max_tokens or min(settings.MAX_TOKENS_DEFAULT, entry.max_output_tokens)
+    system_prompt = chat.system_prompt if chat.system_prompt is not None else history.system_prompt
+    if passthrough is not None:
+        prompt = exact_prompt(messages=passthrough.messages, entry=entry, max_tokens=max_tokens)
+    else:
+        prompt = build_prompt(
+            system_prompt=system_prompt,
+            history=history.messages,
+            user_message=chat.message,
+            entry=entry,
+            max_tokens=max_tokens,
+        )
+    admission = await admit(principal=principal, estimated_tokens=prompt.tokens + max_tokens)
+    route = RouteRequest(
+        selection=selection,
+        messages=prompt.messages,
+        max_tokens=max_tokens,
+        temperature=chat.temperature if chat.temperature is not None else _default_temperature(entry),
+        stop=passthrough.stop if passthrough else (),
+        allowed_providers=principal.allowed_providers,
+        priority=principal.priority,
+        prompt_tokens=prompt.tokens,
+        request_id=str(request_id),
+    )
+    return PreparedChat(
+        request_id=request_id,
+        principal=principal,
+        transport=transport,
+        chat=chat,
+        selection=selection,
+        conversation_id=chat.conversation_id or uuid.uuid4(),
+        persist=passthrough is None,
+        system_prompt=system_prompt,
+        route=route,
+        prompt_tokens=prompt.tokens,
+        admission=admission,
+        flagged=verdict.flagged,
+        created_at=created_at,
+        started=started,
+    )
+
+
+def _default_temperature(entry: CatalogEntry) -> float:
+    return min(settings.TEMPERATURE_DEFAULT, ANTHROPIC_MAX_TEMPERATURE if entry.provider == "claude" else 2.0)
+
+
+def _check_options(chat: ChatRequest, entry: CatalogEntry) -> None:
+    if chat.temperature is not None and entry.provider == "claude" and chat.temperature > ANTHROPIC_MAX_TEMPERATURE:
+        raise ServiceError(
+            "invalid_request",
+            f"temperature must be between 0 and 1 for {entry.name}.",
+            status=400,
+            details={"fields": {"temperature": "must be between 0 and 1 for Claude models"}},
+        )
+    if chat.max_tokens is not None and chat.max_tokens > entry.max_output_tokens:
+        raise ServiceError(
+            "invalid_request",
+            f"max_tokens must be at most {entry.max_output_tokens} for {entry.name}.",
+            status=400,
+            details={"fields": {"max_tokens": f"must be at most {entry.max_output_tokens}"}},
+        )
+
+
+class SlowClient(Exception):
+    """The client stopped reading: the buffer stayed full past SLOW_CLIENT_TIMEOUT_SECONDS."""
+
+
+class ChatRun:
+    """One admitted request in flight: an async iterator of ChatEvents backed by a producer task.
+
+    The buffer between upstream and client is bounded; `cancel()` (client gone, WebSocket
+    cancel) stops the upstream call and the record is settled as cancelled.
+    """
+
+    def __init__(self, prepared: PreparedChat) -> None:
+        self.prepared = prepared
+        self._queue: asyncio.Queue[ChatEvent | None] = asyncio.Queue(maxsize=settings.STREAM_BUFFER_EVENTS)
+        self._task: asyncio.Task[None] | None = None
+        self._cancel_code = "cancelled"
+        self.record: UsageRecord | None = None
+        self.finish_reason = "stop"
+        self.settled = asyncio.Event()
+
+    def start(self) -> ChatRun:
+        if self._task is None:
+            self._task = asyncio.create_task(self._produce(), name=f"chat-{self.prepared.request_id}")
+        return self
+
+    def cancel(self, code: str = "cancelled") -> None:
+        """Stop the upstream call; the run settles as cancelled."""
+        self._cancel_code = code
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def wait_settled(self) -> None:
+        """Wait until the ledger write finished (or the producer ended)."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._task)
+
+    async def events(self) -> AsyncIterator[ChatEvent]:
+        """Events until the terminal Done or Failed. Leaving early cancels the run."""
+        self.start()
+        try:
+            while True:
+                event = await self._queue.get()
+                if event is None:
+                    return
+                yield event
+                if isinstance(event, Done | Failed):
+                    return
+        finally:
+            if self._task is not None and not self._task.done():
+                self.cancel()
+
+    async def _put(self, event: ChatEvent) -> None:
+        try:
+            await asyncio.wait_for(self._queue.put(event), timeout=settings.SLOW_CLIENT_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise SlowClient() from None
+
+    async def _produce(self) -> None:
+        prepared = self.prepared
+        trace = RouteTrace()
+        parts: list[str] = []
+        usage: Usage | None = None
+        first_token_at: float | None = None
+        status = "ok"
+        error: ServiceError | None = None
+        cancelled = False
+        try:
+            stream = get_router().stream(prepared.route, trace)
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for event in stream:
+                    if isinstance(event, Delta):
+                        if first_token_at is None:
+                            first_token_at = time.monotonic()
+                        parts.append(event.text)
+                        await self._put(Token(event.text))
+                    elif isinstance(event, Start):
+                        await self._put(
+                            Started(
+                                request_id=str(prepared.request_id),
+                                conversation_id=str(prepared.conversation_id),
+                                model=trace.served_by.name if trace.served_by else event.model,
+                                provider=event.provider,
+                            )
+                        )
+                    elif isinstance(event, Usage):
+                        usage = event
+                    elif isinstance(event, Finish):
+                        self.finish_reason = event.reason
+        except ProviderError as exc:
+            status = "partial" if parts else "failed"
+            error = error_for_provider_failure(exc)
+        except SlowClient:
+            status, cancelled, self._cancel_code = "cancelled", True, "slow_client"
+        except asyncio.CancelledError:
+            status, cancelled = "cancelled", True
+        except Exception:
+            logger.exception("unexpected failure in the chat pipeline", extra={"request_id": str(prepared.request_id)})
+            status = "partial" if parts else "failed"
+            error = ServiceError("internal_error", "The request failed unexpectedly.", status=500)
+        finally:
+            outcome = self._outcome(trace, parts, usage, first_token_at, status, error, cancelled)
+            settle = asyncio.ensure_future(_settle(outcome))
+            try:
+                self.record = await asyncio.shield(settle)
+            except asyncio.CancelledError:
+                self.record = await settle
+            self.settled.set()
+        if cancelled:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(None)
+            return
+        terminal: ChatEvent = Failed(error) if error is not None else Done(chat_response(prepared, outcome, trace))
+        with contextlib.suppress(SlowClient):
+            await self._put(terminal)
+
+    def _outcome(
+        self,
+        trace: RouteTrace,
+        parts: list[str],
+        usage: Usage | None,
+        first_token_at: float | None,
+        status: str,
+        error: ServiceError | None,
+        cancelled: bool,
+    ) -> ChatOutcome:
+        prepared = self.prepared
+        entry = trace.served_by
+        reply = "".join(parts)
+        usage = _billable_usage(usage, reply, status, prepared.prompt_tokens, entry)
+        prices = Prices.of(entry) if entry is not None else None
+        cost = cost_of(usage, prices) if prices is not None else Decimal(0)
+        error_code = self._cancel_code if cancelled else (error.code if error else "")
+        now = time.monotonic()
+        return ChatOutcome(
+            request_id=prepared.request_id,
+            created_at=prepared.created_at,
+            user_id=prepared.principal.user_id,
+            api_key_id=prepared.principal.api_key_id,
+            plan=prepared.principal.plan,
+            transport=prepared.transport,
+            conversation_id=prepared.conversation_id if prepared.persist else None,
+            user_message=prepared.chat.message,
+            system_prompt=prepared.system_prompt,
+            reply=reply,
+            provider=entry.provider if entry else "",
+            model=entry.name if entry else prepared.selection.entry.name,
+            input_tokens=usage.input_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            output_tokens=usage.output_tokens,
+            cost=cost,
+            input_price=prices.input if prices else None,
+            cached_input_price=prices.cached_input if prices else None,
+            output_price=prices.output if prices else None,
+            latency_ms=int((now - prepared.started) * 1000),
+            time_to_first_token_ms=int((first_token_at - prepared.started) * 1000) if first_token_at else None,
+            status=status,
+            usage_source=usage.source,
+            fallback_path=trace.fallback_path,
+            attempts=trace.attempts,
+            error_code=error_code,
+            flagged=prepared.flagged,
+            reservation=prepared.admission.reservation,
+        )
+
+
+def _billable_usage(
+    reported: Usage | None, reply: str, status: str, prompt_tokens: int, entry: CatalogEntry | None
+) -> Usage:
+    """Provider-reported usage when there is a full report; otherwise count what was generated.
+
+    A stream that was cut or cancelled has no final usage report: its output is counted from
+    the text the provider produced, its input from the prompt, and the record says "estimated".
+    A request that produced nothing is billed nothing.
+    """
+    if reported is not None and status == "ok":
+        return reported
+    if not reply or entry is None:
+        return reported or Usage(0, 0, 0, source="provider")
+    counted = count_text(reply, entry.upstream_model).tokens
+    if reported is not None and reported.output_tokens >= counted:
+        return reported
+    return Usage(input_tokens=prompt_tokens, output_tokens=counted, cached_input_tokens=0, source="estimated")
+
+
+async def _settle(outcome: ChatOutcome) -> UsageRecord | None:
+    try:
+        record = await db_async(usage_settle)(outcome=outcome)
+    except Exception:
+        logger.exception("could not write the usage record", extra={"request_id": str(outcome.request_id)})
+        return None
+    if settings.ENABLE_METRICS:
+        observe_outcome(outcome)
+    if settings.LOG_REQUESTS:
+        request_logger.info(
+            "chat request",
+            extra={
+                "request_id": str(outcome.request_id),
+                "user_id": outcome.user_id,
+                "plan": outcome.plan,
+                "transport": outcome.transport,
+                "provider": outcome.provider,
+                "model": outcome.model,
+                "status": outcome.status,
+                "input_tokens": outcome.input_tokens,
+                "output_tokens": outcome.output_tokens,
+                "cost": str(outcome.cost),
+                "latency_ms": outcome.latency_ms,
+                "error_code": outcome.error_code,
+                "fallback_path": outcome.fallback_path,
+            },
+        )
+    if settings.LOG_RESPONSES:
+        request_logger.info(
+            "chat content",
+            extra={"request_id": str(outcome.request_id), "message": outcome.user_message, "reply": outcome.reply},
+        )
+    return record
+
+
+def chat_response(prepared: PreparedChat, outcome: ChatOutcome, trace: RouteTrace) -> dict[str, object]:
+    """The ChatResponse of DESIGN.md §6."""
+    return {
+        "message": outcome.reply,
+        "model_used": outcome.model,
+        "tokens_used": outcome.input_tokens + outcome.output_tokens,
+        "cost_estimate": float(outcome.cost),
+        "conversation_id": str(prepared.conversation_id),
+        "timestamp": outcome.created_at.isoformat().replace("+00:00", "Z"),
+        "processing_time": round(outcome.latency_ms / 1000, 3),
+        "request_id": str(prepared.request_id),
+        "provider": outcome.provider,
+        "input_tokens": outcome.input_tokens,
+        "output_tokens": outcome.output_tokens,
+        "fallback_path": trace.fallback_path,
+        "routing_reason": prepared.selection.reason,
+    }

@@ -1,0 +1,51 @@
+"""History: `GET /history`, `GET|DELETE /history/{conversation_id}` — the caller's own only."""
+
+from __future__ import annotations
+
+from django.db.models import Count, QuerySet
+from rest_framework import generics
+from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
+
+from accounts.principal import Principal
+from chat.models import Conversation
+from chat.serializers import ConversationDetailSerializer, ConversationSerializer
+
+
+def _caller(request: Request) -> int:
+    principal: Principal = request.user  # type: ignore[assignment]
+    return principal.user_id
+
+
+class RecentFirst(CursorPagination):
+    ordering = ("-updated_at", "-id")
+    page_size = 20
+    max_page_size = 100
+    page_size_query_param = "page_size"
+
+
+class ConversationList(generics.ListAPIView):
+    """The caller's conversations, most recently active first, cursor-paginated."""
+
+    serializer_class = ConversationSerializer
+    pagination_class = RecentFirst
+
+    def get_queryset(self) -> QuerySet[Conversation]:
+        return Conversation.objects.filter(user_id=_caller(self.request)).annotate(message_count=Count("messages"))
+
+
+class ConversationDetail(generics.RetrieveDestroyAPIView):
+    """One conversation with its messages (model, tokens and cost of each reply); DELETE removes it.
+
+    The ledger keeps its UsageRecords: they reference the conversation by id only.
+    """
+
+    serializer_class = ConversationDetailSerializer
+    lookup_url_kwarg = "conversation_id"
+
+    def get_queryset(self) -> QuerySet[Conversation]:
+        return (
+            Conversation.objects.filter(user_id=_caller(self.request))
+            .annotate(message_count=Count("messages"))
+            .prefetch_related("messages")
+        )

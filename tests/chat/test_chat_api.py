@@ -1,0 +1,172 @@
+"""`POST /chat` end to end over a real socket: each provider's SDK client through the sandbox,
+the ledger written once per request, conversations continued, bad input refused cleanly."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from chat.models import Conversation, Message
+from providers.base import Usage
+from providers.catalog import catalog_entries, resolve_model
+from providers.pricing import Prices, cost_of
+from usage.models import UsageRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def post(url: str, key: str | None, body: object, **headers: str) -> httpx.Response:
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    content = body if isinstance(body, bytes) else None
+    return httpx.post(f"{url}/chat", json=None if content else body, content=content, headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("provider", "model"),
+    [
+        ("openai", "gpt-4o-mini"),
+        ("claude", "claude-haiku-4-5"),
+        ("deepseek", "deepseek-chat"),
+        ("gemini", "gemini-2.5-flash"),
+    ],
+)
+def test_each_provider_answers_and_is_billed_once(service_url, sandbox, make_user, provider, model) -> None:
+    user, key = make_user("premium")
+    response = post(service_url, key, {"message": "Hello there [[tokens:5]]", "model": provider})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["provider"] == provider and body["model_used"] == model
+    assert body["output_tokens"] == 5 and body["input_tokens"] > 0
+    assert body["tokens_used"] == body["input_tokens"] + body["output_tokens"]
+    assert len(body["message"].split()) == 5
+    assert response.headers["X-Request-ID"] == body["request_id"]
+    assert body["fallback_path"] == [] and body["routing_reason"]
+    assert sandbox.calls(provider) and sandbox.calls(provider)[0].stream is True
+
+    record = UsageRecord.objects.get()
+    assert str(record.request_id) == body["request_id"]
+    assert (record.user_id, record.provider, record.model, record.status) == (user.pk, provider, model, "ok")
+    assert (record.input_tokens, record.output_tokens) == (body["input_tokens"], 5)
+    assert record.usage_source == "provider"
+    entry = resolve_model(catalog_entries(), model)
+    expected = cost_of(Usage(record.input_tokens, record.output_tokens), Prices.of(entry))
+    assert record.cost == expected and expected > 0
+    assert Decimal(str(body["cost_estimate"])) == pytest.approx(expected, abs=Decimal("1e-9"))
+
+
+def test_conversation_continues_with_its_history(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    first = post(
+        service_url, key, {"message": "My name is Ada.", "model": "openai", "system_prompt": "Be brief."}
+    ).json()
+    second = post(
+        service_url,
+        key,
+        {"message": "What is my name?", "model": "openai", "conversation_id": first["conversation_id"]},
+    ).json()
+    assert second["conversation_id"] == first["conversation_id"]
+    assert second["input_tokens"] > first["input_tokens"]  # the history went upstream
+    conversation = Conversation.objects.get(id=first["conversation_id"])
+    assert conversation.system_prompt == "Be brief."
+    roles = list(Message.objects.filter(conversation=conversation).values_list("role", "content"))
+    assert roles[0] == ("user", "My name is Ada.") and roles[2] == ("user", "What is my name?")
+    assert [r for r, _ in roles] == ["user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize(
+    ("key", "status"),
+    [(None, 401), ("cs_nope_wrongwrongwrong", 401), ("garbage", 401)],
+)
+def test_missing_or_wrong_key_is_401(service_url, key, status) -> None:
+    response = post(service_url, key, {"message": "hi"})
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == "unauthenticated"
+    assert response.json()["error"]["details"] == {}
+    assert UsageRecord.objects.count() == 0
+
+
+def test_revoked_key_is_401(service_url, make_user) -> None:
+    from accounts.models import ApiKey
+    from accounts.selectors import key_cache
+    from accounts.services import api_key_revoke
+
+    user, key = make_user("premium")
+    assert httpx.get(f"{service_url}/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    api_key_revoke(api_key=ApiKey.objects.get(user=user))
+    key_cache.clear()  # the service forgets cached keys after API_KEY_CACHE_SECONDS
+    response = post(service_url, key, {"message": "hi"})
+    assert response.status_code == 401
+    assert httpx.get(f"{service_url}/models", headers={"X-API-Key": key}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_json"),
+        ({}, 400, "invalid_request"),
+        ({"message": ""}, 400, "invalid_request"),
+        ({"message": "   "}, 400, "invalid_request"),
+        ({"message": 42}, 400, "invalid_request"),
+        ({"message": "hi", "surprise": 1}, 400, "invalid_request"),
+        ({"message": "hi", "model": "gpt-99"}, 400, "unknown_model"),
+        ({"message": "hi", "conversation_id": "00000000-0000-4000-8000-000000000000"}, 404, "not_found"),
+        ({"message": "hi", "conversation_id": "not-a-uuid"}, 400, "invalid_request"),
+        ({"message": "hi", "temperature": 3}, 400, "invalid_request"),
+        ({"message": "hi", "model": "claude", "temperature": 1.5}, 400, "invalid_request"),
+    ],
+)
+def test_bad_input_is_refused_and_nothing_is_written(service_url, sandbox, make_user, body, status, code) -> None:
+    _, key = make_user("premium")
+    response = post(service_url, key, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and isinstance(error["details"], dict)
+    assert UsageRecord.objects.count() == 0 and Conversation.objects.count() == 0
+    assert sandbox.calls() == []
+
+
+def test_unknown_model_error_names_the_known_ones(service_url, make_user) -> None:
+    _, key = make_user("premium")
+    details = post(service_url, key, {"message": "hi", "model": "gpt-99"}).json()["error"]["details"]
+    assert "gpt-4o" in details["known_models"] and "openai" in details["known_models"]
+
+
+def test_model_outside_the_plan_is_403(service_url, sandbox, make_user) -> None:
+    _, key = make_user("free")
+    response = post(service_url, key, {"message": "hi", "model": "gpt-4o"})
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "model_not_allowed"
+    assert sandbox.calls() == [] and UsageRecord.objects.count() == 0
+
+
+def test_someone_elses_conversation_is_404(service_url, sandbox, make_user) -> None:
+    _, owner_key = make_user("premium")
+    _, other_key = make_user("premium")
+    conversation_id = post(service_url, owner_key, {"message": "secret", "model": "openai"}).json()["conversation_id"]
+    response = post(service_url, other_key, {"message": "hi", "conversation_id": conversation_id})
+    assert response.status_code == 404
+    assert UsageRecord.objects.count() == 1
+
+
+def test_provider_failure_still_writes_one_failed_record(service_url, sandbox, make_user, settings) -> None:
+    settings.ENABLE_FALLBACK = False
+    settings.MAX_RETRY_ATTEMPTS = 1
+    _, key = make_user("premium")
+    response = post(service_url, key, {"message": "hi [[fail:500]]", "model": "openai"})
+    assert response.status_code == 502
+    record = UsageRecord.objects.get()
+    assert (record.status, record.input_tokens, record.output_tokens, record.cost) == ("failed", 0, 0, 0)
+    assert record.error_code == response.json()["error"]["code"]
+    assert Conversation.objects.count() == 0  # nothing half-written
+
+
+def test_client_request_id_is_used_when_it_is_a_uuid(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    rid = "3f0c6d2e-7a1b-4c5d-9e8f-0a1b2c3d4e5f"
+    response = post(service_url, key, {"message": "hi", "model": "deepseek"}, **{"X-Request-ID": rid})
+    assert response.headers["X-Request-ID"] == rid and response.json()["request_id"] == rid
+    other = post(service_url, key, {"message": "hi", "model": "deepseek"}, **{"X-Request-ID": "nope"})
+    assert other.headers["X-Request-ID"] != "nope"

@@ -1,0 +1,111 @@
+"""The OpenAI-compatible API, driven by the official `openai` SDK pointed at the service."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from chat.models import Conversation
+from usage.models import UsageRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0, timeout=30)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-haiku-4-5", "deepseek-chat", "gemini-2.5-flash"])
+def test_non_streaming_completion_for_every_provider(service_url, sandbox, make_user, model) -> None:
+    _, key = make_user("premium")
+    completion = client(service_url, key).chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi [[tokens:4]]"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Again [[tokens:3]]"},
+        ],
+        max_tokens=50,
+        user="end-user-7",
+    )
+    assert completion.object == "chat.completion" and completion.model == model
+    assert completion.usage is not None and completion.choices[0].message.content is not None
+    assert completion.choices[0].message.role == "assistant"
+    assert len(completion.choices[0].message.content.split()) == 3
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens == 3
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 3
+    record = UsageRecord.objects.get()
+    assert record.transport == "openai" and record.model == model and record.status == "ok"
+    assert record.input_tokens == completion.usage.prompt_tokens and record.conversation_id is None
+    assert Conversation.objects.count() == 0
+    # the messages went upstream unchanged, in order (the sandbox counted all four)
+    assert sandbox.calls()[0].model
+
+
+def test_streaming_with_usage(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    stream = client(service_url, key).chat.completions.create(
+        model="claude",
+        messages=[{"role": "user", "content": "count [[tokens:5]]"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 5
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+    assert UsageRecord.objects.get().output_tokens == 5
+
+
+def test_errors_raise_the_sdks_own_classes(service_url, sandbox, make_user, settings) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        client(service_url, "cs_wrong_key").chat.completions.create(
+            model="openai", messages=[{"role": "user", "content": "hi"}]
+        )
+    _, key = make_user("free")
+    with pytest.raises(openai.PermissionDeniedError):
+        client(service_url, key).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(service_url, key).chat.completions.create(
+            model="deepseek", messages=[{"role": "user", "content": "hi"}], extra_body={"tools_choice": "x"}
+        )
+    assert "Unrecognized request argument" in bad.value.message
+    with pytest.raises(openai.BadRequestError):
+        client(service_url, key).chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "hi"}])
+
+    _, limited_key = make_user("free", requests_per_hour_override=1)
+    ok = client(service_url, limited_key).chat.completions.create(
+        model="deepseek", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert ok.choices[0].message.content
+    with pytest.raises(openai.RateLimitError) as limited_error:
+        client(service_url, limited_key).chat.completions.create(
+            model="deepseek", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert int(limited_error.value.response.headers["retry-after"]) > 0
+
+
+def test_models_list(service_url, make_user) -> None:
+    _, key = make_user("free")
+    ids = {m.id for m in client(service_url, key).models.list()}
+    assert "deepseek-chat" in ids and "gemini-2.5-flash" in ids and "gpt-4o" not in ids
+
+
+def test_async_sdk_streams_too(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+
+    async def run() -> str:
+        async with openai.AsyncOpenAI(api_key=key, base_url=f"{service_url}/v1", max_retries=0) as c:
+            stream = await c.chat.completions.create(
+                model="gemini", messages=[{"role": "user", "content": "x [[tokens:6]]"}], stream=True
+            )
+            return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+    assert len(asyncio.run(run()).split()) == 6

@@ -1,0 +1,223 @@
+"""Streaming over SSE and WebSocket, through real sockets: however a stream ends, the ledger is right."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from providers.tokens import count_text
+from tests.chat.clients import Received, sse_chat, ws_chat
+from usage.models import UsageRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TRANSPORTS = ["sse", "websocket"]
+
+
+def run_chat(transport: str, url: str, key: str, body: dict, **kw) -> Received:
+    if transport == "sse":
+        return sse_chat(url, key, body, **kw)
+    ws_kw = {"cancel_after_tokens": kw.get("cancel_after_tokens"), "hang_up_after_tokens": kw.get("stop_after_tokens")}
+    return asyncio.run(ws_chat(url, key, body, **ws_kw))
+
+
+def wait_for_record(timeout: float = 5.0) -> UsageRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = UsageRecord.objects.first()
+        if record is not None:
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"no UsageRecord within {timeout} s")
+
+
+@pytest.fixture
+def fast_failures(settings):
+    settings.ENABLE_FALLBACK = False
+    settings.MAX_RETRY_ATTEMPTS = 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("provider", ["openai", "claude", "deepseek", "gemini"])
+def test_completed_stream(service_url, sandbox, make_user, transport, provider) -> None:
+    _, key = make_user("premium")
+    got = run_chat(transport, service_url, key, {"message": "stream please [[tokens:6]]", "model": provider})
+    assert got.names() == ["start"] + ["token"] * 6 + ["done"]
+    start = got.events[0][1]
+    assert start["provider"] == provider and start["request_id"] and start["conversation_id"]
+    done = got.last()
+    assert done["message"] == got.text() and done["output_tokens"] == 6
+    record = wait_for_record()
+    assert (record.status, record.usage_source, record.output_tokens) == ("ok", "provider", 6)
+    ledger_id = start.get("server_request_id", start["request_id"])
+    assert record.provider == provider and str(record.request_id) == ledger_id
+    if transport == "websocket":
+        assert all(data["request_id"] == "client-1" for _, data in got.events)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_failure_before_first_token(service_url, sandbox, make_user, fast_failures, transport) -> None:
+    _, key = make_user("premium")
+    got = run_chat(transport, service_url, key, {"message": "x [[fail:503]]", "model": "openai"})
+    assert got.names() == ["error"]
+    assert got.last()["error"]["code"] == "provider_unavailable"
+    record = wait_for_record()
+    assert (record.status, record.output_tokens, record.cost) == ("failed", 0, 0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("provider", ["openai", "claude", "gemini"])
+def test_upstream_cut_after_k_chunks(service_url, sandbox, make_user, fast_failures, transport, provider) -> None:
+    _, key = make_user("premium")
+    got = run_chat(transport, service_url, key, {"message": "x [[tokens:8]] [[drop:3]]", "model": provider})
+    assert got.names() == ["start", "token", "token", "token", "error"]
+    assert got.last()["error"]["code"] == "provider_connection_error"
+    record = wait_for_record()
+    assert record.status == "partial" and record.usage_source == "estimated"
+    assert record.output_tokens == count_text(got.text(), record.model).tokens > 0
+    assert record.cost > 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_provider_error_event_mid_stream(service_url, sandbox, make_user, fast_failures, transport) -> None:
+    _, key = make_user("premium")
+    got = run_chat(transport, service_url, key, {"message": "x [[tokens:8]] [[error-after:2]]", "model": "claude"})
+    assert got.names() == ["start", "token", "token", "error"]
+    record = wait_for_record()
+    assert record.status == "partial" and record.output_tokens > 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_first_token_timeout(service_url, sandbox, make_user, fast_failures, settings, transport) -> None:
+    settings.FIRST_TOKEN_TIMEOUT_SECONDS = 0.5
+    _, key = make_user("premium")
+    got = run_chat(transport, service_url, key, {"message": "x [[hang]]", "model": "deepseek"})
+    assert got.names() == ["error"] and got.last()["error"]["code"] == "upstream_timeout"
+    record = wait_for_record()
+    assert record.status == "failed" and record.error_code == "upstream_timeout"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_idle_timeout_mid_stream(service_url, sandbox, make_user, fast_failures, settings, transport) -> None:
+    settings.FIRST_TOKEN_TIMEOUT_SECONDS = 5
+    settings.STREAM_IDLE_TIMEOUT_SECONDS = 0.4
+    _, key = make_user("premium")
+    # The first chunk comes after 0.2 s; a later gap of 0.9 s trips the idle timeout.
+    got = run_chat(
+        transport,
+        service_url,
+        key,
+        {"message": "x [[tokens:4]] [[slow:900]]", "model": "openai"},
+    )
+    assert got.names()[-1] == "error" and got.last()["error"]["code"] == "upstream_timeout"
+    record = wait_for_record()
+    assert record.status in ("failed", "partial") and record.error_code == "upstream_timeout"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_client_leaves_after_k_chunks(service_url, sandbox, make_user, transport) -> None:
+    _, key = make_user("premium")
+    started = time.monotonic()
+    got = run_chat(
+        transport, service_url, key, {"message": "x [[tokens:50]] [[slow:100]]", "model": "openai"}, stop_after_tokens=3
+    )
+    assert got.names()[:4] == ["start", "token", "token", "token"]
+    deadline = time.monotonic() + 2
+    while sandbox.aborted_streams < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sandbox.aborted_streams == 1 and sandbox.active_streams == 0  # upstream closed within 2 s
+    record = wait_for_record(5)
+    assert time.monotonic() - started < 5 + 3 * 0.1 + 1
+    assert record.status == "cancelled" and record.error_code == "cancelled"
+    assert record.output_tokens >= 3 and record.output_tokens < 50
+    assert record.usage_source == "estimated"
+
+
+def test_websocket_cancel_after_k_chunks(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    got = asyncio.run(
+        ws_chat(service_url, key, {"message": "x [[tokens:50]] [[slow:100]]", "model": "gemini"}, cancel_after_tokens=2)
+    )
+    assert got.names()[-1] == "error" and got.last()["error"]["code"] == "cancelled"
+    assert got.names().count("token") < 50
+    record = wait_for_record()
+    assert record.status == "cancelled" and 2 <= record.output_tokens < 50
+    assert sandbox.aborted_streams == 1
+
+
+def test_streaming_disabled_refuses_both(service_url, sandbox, make_user, settings) -> None:
+    settings.ENABLE_STREAMING = False
+    _, key = make_user("premium")
+    sse = sse_chat(service_url, key, {"message": "hi"})
+    assert sse.status == 400 and sse.last()["error"]["code"] == "streaming_disabled"
+    ws = asyncio.run(ws_chat(service_url, key, {"message": "hi"}))
+    assert ws.names() == ["error"] and ws.last()["error"]["code"] == "streaming_disabled"
+    assert UsageRecord.objects.count() == 0
+
+
+def test_sse_headers_and_refusals_before_upstream(service_url, sandbox, make_user) -> None:
+    _, key = make_user("free")
+    refused = sse_chat(service_url, key, {"message": "hi", "model": "gpt-4o"})
+    assert refused.status == 403 and refused.last()["error"]["code"] == "model_not_allowed"
+    ok = sse_chat(service_url, key, {"message": "hi [[tokens:2]]"})
+    assert ok.status == 200
+    assert ok.headers["cache-control"] == "no-cache" and ok.headers["x-accel-buffering"] == "no"
+    assert ok.headers["content-type"].startswith("text/event-stream")
+
+
+def test_several_chats_over_one_socket(service_url, sandbox, make_user) -> None:
+    import json
+
+    import websockets
+
+    _, key = make_user("premium")
+
+    async def scenario() -> list[str]:
+        url = service_url.replace("http://", "ws://") + "/ws/chat"
+        dones = []
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "auth", "api_key": key}))
+            assert json.loads(await ws.recv()) == {"type": "ready"}
+            for i in range(3):
+                await ws.send(json.dumps({"type": "chat", "request_id": f"r{i}", "message": f"n{i} [[tokens:2]]"}))
+                while True:
+                    message = json.loads(await ws.recv())
+                    assert message["request_id"] == f"r{i}"
+                    if message["type"] == "done":
+                        dones.append(message["request_id"])
+                        break
+        return dones
+
+    assert asyncio.run(scenario()) == ["r0", "r1", "r2"]
+    assert UsageRecord.objects.count() == 3
+
+
+def test_websocket_refusals(service_url, make_user) -> None:
+    import websockets
+    from websockets.exceptions import ConnectionClosed
+
+    url = service_url.replace("http://", "ws://") + "/ws/chat"
+
+    async def closed_code(**kw) -> int | None:
+        async with websockets.connect(url, **kw) as ws:
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            except ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else None
+
+    async def bad_auth() -> int | None:
+        async with websockets.connect(url) as ws:
+            await ws.send('{"type": "auth", "api_key": "cs_bad_key"}')
+            try:
+                await asyncio.wait_for(ws.recv(), 5)
+            except ConnectionClosed as closed:
+                return closed.rcvd.code if closed.rcvd else None
+        return None
+
+    assert asyncio.run(bad_auth()) == 4401
+    wrong_key = {"Authorization": "Bearer cs_x_y"}
+    assert asyncio.run(closed_code(additional_headers=wrong_key, origin="http://localhost")) == 4401
+    assert asyncio.run(closed_code(origin="https://evil.example")) == 4403

@@ -1,0 +1,171 @@
+"""The circuit breaker: thresholds, cooldown, one half-open probe, shared state over Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import pytest
+from django.test import override_settings
+
+from providers.base import AllProvidersFailed, ProviderUnavailable
+from providers.catalog import acatalog_entries
+from providers.circuit import Admission, Circuit, SharedRedis
+from providers.registry import registry
+from providers.router import Router
+from providers.routing_types import RouteTrace
+from tests.providers.scripted import FakeClock, ScriptedProvider, collect, fail, isolated_router_state, route_request
+
+BACKENDS = ["redis", "in-process"]
+
+
+@pytest.fixture(autouse=True)
+def _state() -> Iterator[str]:
+    with (
+        isolated_router_state() as namespace,
+        override_settings(CIRCUIT_FAILURE_THRESHOLD=3, CIRCUIT_COOLDOWN_SECONDS=30, REQUEST_DEADLINE_SECONDS=60),
+    ):
+        yield namespace
+
+
+def make_circuit(backend: str, clock: FakeClock) -> Circuit:
+    return Circuit(clock=clock, redis=SharedRedis(None if backend == "redis" else ""))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_opens_after_threshold_consecutive_failures(backend: str) -> None:
+    clock = FakeClock()
+    circuit = make_circuit(backend, clock)
+
+    for _ in range(2):
+        await circuit.record_failure("openai")
+    assert await circuit.allow("openai") is Admission.ALLOWED
+    await circuit.record_failure("openai")
+
+    assert await circuit.allow("openai") is Admission.DENIED
+    assert await circuit.is_open("openai")
+    assert (await circuit.snapshot("openai")).state == "open"
+    assert await circuit.retry_after("openai") == pytest.approx(30)
+    assert await circuit.allow("claude") is Admission.ALLOWED  # per provider
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_success_resets_the_count(backend: str) -> None:
+    circuit = make_circuit(backend, FakeClock())
+    for _ in range(2):
+        await circuit.record_failure("openai")
+    await circuit.record_success("openai")
+    for _ in range(2):
+        await circuit.record_failure("openai")
+    assert await circuit.allow("openai") is Admission.ALLOWED
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_after_the_cooldown_exactly_one_probe(backend: str) -> None:
+    clock = FakeClock()
+    circuit = make_circuit(backend, clock)
+    for _ in range(3):
+        await circuit.record_failure("openai")
+
+    clock.advance(29.9)
+    assert await circuit.allow("openai") is Admission.DENIED
+    clock.advance(0.2)
+    verdicts = await asyncio.gather(*(circuit.allow("openai") for _ in range(10)))
+    assert verdicts.count(Admission.PROBE) == 1 and verdicts.count(Admission.DENIED) == 9
+    assert await circuit.is_open("openai")  # half-open with its probe out: still no traffic
+
+    await circuit.record_success("openai")
+    assert await circuit.allow("openai") is Admission.ALLOWED
+    assert (await circuit.snapshot("openai")).state == "closed"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_failed_probe_reopens_for_another_cooldown(backend: str) -> None:
+    clock = FakeClock()
+    circuit = make_circuit(backend, clock)
+    for _ in range(3):
+        await circuit.record_failure("openai")
+    clock.advance(31)
+    assert await circuit.allow("openai") is Admission.PROBE
+
+    await circuit.record_failure("openai")
+
+    assert await circuit.allow("openai") is Admission.DENIED
+    assert await circuit.retry_after("openai") == pytest.approx(30)
+    clock.advance(31)
+    assert await circuit.allow("openai") is Admission.PROBE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_released_probe_lets_the_next_one_through(backend: str) -> None:
+    clock = FakeClock()
+    circuit = make_circuit(backend, clock)
+    for _ in range(3):
+        await circuit.record_failure("openai")
+    clock.advance(31)
+    assert await circuit.allow("openai") is Admission.PROBE
+    assert await circuit.allow("openai") is Admission.DENIED
+
+    await circuit.release_probe("openai")
+
+    assert await circuit.allow("openai") is Admission.PROBE
+
+
+async def test_state_is_shared_between_instances_over_redis() -> None:
+    """Two breakers with their own Redis connections, as two processes would have."""
+    clock = FakeClock()
+    first, second = make_circuit("redis", clock), make_circuit("redis", clock)
+
+    await first.record_failure("gemini")
+    await second.record_failure("gemini")
+    await first.record_failure("gemini")
+
+    assert await second.allow("gemini") is Admission.DENIED
+    clock.advance(31)
+    probes = await asyncio.gather(*(c.allow("gemini") for c in (first, second) for _ in range(5)))
+    assert probes.count(Admission.PROBE) == 1
+    await second.record_success("gemini")
+    assert await first.allow("gemini") is Admission.ALLOWED
+
+
+async def test_in_process_state_is_not_shared() -> None:
+    clock = FakeClock()
+    first, second = make_circuit("in-process", clock), make_circuit("in-process", clock)
+    for _ in range(3):
+        await first.record_failure("gemini")
+    assert await first.allow("gemini") is Admission.DENIED
+    assert await second.allow("gemini") is Admission.ALLOWED
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_two_routers_share_the_circuit_over_redis() -> None:
+    scripted = ScriptedProvider("openai", default=fail(ProviderUnavailable, status=503))
+    registry.override("openai", scripted)
+    clock = FakeClock()
+    router_a = Router(circuit=Circuit(clock=clock, redis=SharedRedis()))
+    router_b = Router(circuit=Circuit(clock=clock, redis=SharedRedis()))
+    gpt = next(e for e in await acatalog_entries() if e.name == "gpt-4o-mini")
+
+    with override_settings(ENABLE_FALLBACK=False, MAX_RETRY_ATTEMPTS=3, RETRY_DELAY_SECONDS=0):
+        with pytest.raises(ProviderUnavailable):
+            await collect(router_a, route_request(gpt, allowed={"openai"}))
+        trace = RouteTrace()
+        with pytest.raises(AllProvidersFailed):
+            await collect(router_b, route_request(gpt, allowed={"openai"}), trace)
+
+    assert len(scripted.calls) == 3
+    assert trace.attempts == 0 and trace.tried == []
+
+
+async def test_unreachable_redis_degrades_to_in_process_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    circuit = Circuit(clock=FakeClock(), redis=SharedRedis("redis://127.0.0.1:1/0"))
+
+    with caplog.at_level(logging.WARNING, logger="providers.circuit"):
+        for _ in range(3):
+            await circuit.record_failure("claude")
+        assert await circuit.allow("claude") is Admission.DENIED
+        assert await circuit.allow("deepseek") is Admission.ALLOWED
+
+    outage_warnings = [r for r in caplog.records if "redis unreachable" in r.getMessage()]
+    assert len(outage_warnings) == 1

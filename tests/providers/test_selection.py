@@ -1,0 +1,215 @@
+"""Model selection: explicit models within the plan, auto-selection, health, the code detector."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import override_settings
+
+from accounts.principal import Principal
+from chatservice.errors import ServiceError
+from providers.catalog import CatalogEntry, acatalog_entries, catalog_cache
+from providers.circuit import get_circuit
+from providers.models import LLMModel
+from providers.selection import code_score, looks_like_code, select_model
+from tests.providers.scripted import isolated_router_state
+
+ALL = frozenset({"openai", "claude", "deepseek", "gemini"})
+
+
+@pytest.fixture(autouse=True)
+def _state() -> Iterator[None]:
+    with isolated_router_state(), override_settings(DEFAULT_LLM="openai", LONG_CONVERSATION_TOKENS=8000):
+        yield
+
+
+def principal(plan: str = "premium") -> Principal:
+    allowed = frozenset({"deepseek", "gemini"}) if plan == "free" else ALL
+    return Principal(
+        user_id=1,
+        username="u",
+        is_staff=False,
+        plan=plan,
+        priority={"free": 0, "premium": 1, "enterprise": 2}[plan],
+        allowed_providers=allowed,
+        requests_per_hour=100,
+        tokens_per_day=10_000,
+        api_key_id=None,
+    )
+
+
+async def select(
+    *, requested: str | None = None, plan: str = "premium", message: str = "Hello there", history: int = 0
+) -> tuple[CatalogEntry, str, bool]:
+    selection = await select_model(
+        requested=requested,
+        principal=principal(plan),
+        user_message=message,
+        history_tokens=history,
+        entries=await acatalog_entries(),
+    )
+    return selection.entry, selection.reason, selection.explicit
+
+
+async def set_maintenance(name: str) -> None:
+    await sync_to_async(LLMModel.objects.filter(name=name).update)(maintenance=True)
+    catalog_cache.invalidate()
+
+
+async def open_circuit(provider: str) -> None:
+    with override_settings(CIRCUIT_FAILURE_THRESHOLD=1):
+        await get_circuit().record_failure(provider)
+
+
+# --- explicit ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_explicit_model_is_honoured() -> None:
+    entry, reason, explicit = await select(requested="claude-sonnet-4", message="def f(): pass")
+    assert (entry.name, reason, explicit) == ("claude-sonnet-4", "requested", True)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_provider_name_means_its_default_model() -> None:
+    entry, _, explicit = await select(requested="gemini", plan="free")
+    assert entry.name == "gemini-2.5-flash" and explicit
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_unknown_model_is_400() -> None:
+    with pytest.raises(ServiceError) as caught:
+        await select(requested="gpt-17")
+    assert caught.value.status == 400 and caught.value.code == "unknown_model"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_model_outside_the_plan_is_403_with_what_is_allowed() -> None:
+    with pytest.raises(ServiceError) as caught:
+        await select(requested="gpt-4o", plan="free")
+    err = caught.value
+    assert (err.status, err.code) == (403, "model_not_allowed")
+    assert err.details["plan"] == "free"
+    assert err.details["allowed_providers"] == ["deepseek", "gemini"]
+    assert "deepseek-chat" in err.details["allowed_models"] and "gpt-4o" not in err.details["allowed_models"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_explicit_model_in_maintenance_is_503() -> None:
+    await set_maintenance("gpt-4o")
+    with pytest.raises(ServiceError) as caught:
+        await select(requested="gpt-4o")
+    assert (caught.value.status, caught.value.code) == (503, "model_unavailable")
+
+
+# --- auto-selection ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_code_goes_to_deepseek() -> None:
+    entry, reason, explicit = await select(message="Why does this fail?\n```python\nprint(1/0)\n```")
+    assert (entry.provider, reason, explicit) == ("deepseek", "code detected", False)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_long_conversation_goes_to_claude() -> None:
+    entry, reason, _ = await select(history=9120)
+    assert entry.provider == "claude" and reason == "long conversation (9120 tokens)"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_free_plan_defaults_to_deepseek() -> None:
+    entry, reason, _ = await select(plan="free")
+    assert entry.name == "deepseek-chat" and reason == "free plan default"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_otherwise_the_default_llm() -> None:
+    entry, reason, _ = await select()
+    assert entry.name == "gpt-4o-mini" and reason == "default model"
+    with override_settings(DEFAULT_LLM="gpt-4.1"):
+        assert (await select())[0].name == "gpt-4.1"
+        await set_maintenance("gpt-4.1")
+        entry, reason, _ = await select()
+        assert entry.name == "gpt-4o-mini" and reason == "default model; gpt-4.1 unavailable, using gpt-4o-mini"
+    with override_settings(DEFAULT_LLM="claude"):
+        assert (await select())[0].name == "claude-haiku-4-5"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_preference_outside_the_plan_moves_to_an_allowed_one() -> None:
+    entry, reason, _ = await select(plan="free", history=50_000)
+    assert entry.provider == "gemini"  # the free plan has no claude; gemini holds long contexts
+    assert reason == "long conversation (50000 tokens); claude not in plan, using gemini"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_open_circuit_moves_to_the_next_healthy_provider() -> None:
+    await open_circuit("deepseek")
+    entry, reason, _ = await select(message='Traceback (most recent call last):\n  File "a.py", line 1')
+    assert entry.provider == "openai"
+    assert reason == "code detected; deepseek unavailable, using openai"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_default_in_maintenance_is_skipped() -> None:
+    await set_maintenance("gpt-4o-mini")
+    entry, reason, _ = await select()
+    assert entry.provider == "claude" and "openai unavailable" in reason
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_no_healthy_allowed_provider_is_503_with_retry_after() -> None:
+    await open_circuit("deepseek")
+    await set_maintenance("gemini-2.5-flash")
+    with pytest.raises(ServiceError) as caught:
+        await select(plan="free")
+    err = caught.value
+    assert (err.status, err.code) == (503, "no_provider_available")
+    assert 1 <= int(err.headers["Retry-After"]) <= 30
+
+
+# --- the code detector -------------------------------------------------------------------------
+
+CODE = [
+    "```python\nprint('hi')\n```",
+    "def add(a, b):\n    return a + b\nwhy does this fail?",
+    'Traceback (most recent call last):\n  File "app.py", line 3, in <module>\n    x = foo()',
+    "I get TypeError: unsupported operand type(s) for +: 'int' and 'str' when I run it",
+    "$ npm install react\nnpm ERR! code ERESOLVE",
+    "for (int i = 0; i < n; i++) {\n  sum += a[i];\n}",
+    "const x = arr.map(v => v * 2);",
+    "SELECT name FROM users WHERE id = 3;",
+    "why does `os.path.join(a, b)` return a relative path?",
+    'Exception in thread "main" java.lang.NullPointerException\n    at com.example.App.main(App.java:14)',
+    '#include <stdio.h>\nint main() { printf("hi"); return 0; }',
+    "My config.yaml has `replicas: 3` but the pod count stays at 1",
+    "git push origin main\nerror: failed to push some refs",
+    "thread 'main' panicked at 'index out of bounds', src/main.rs:4:5",
+]
+PROSE = [
+    "Hello, how are you today?",
+    "I'm learning Python and I love it. What books would you recommend?",
+    "Can you explain what a function is in Python, in simple terms?",
+    "Write a poem about the sea (in the style of Neruda), please.",
+    "I'm comparing Node.js and Deno for a new project; which community is bigger?",
+    "Make sure you bring the tickets, the passports and the snacks.",
+    "The python in the zoo escaped yesterday; was anyone hurt?",
+    "Error: I forgot my password. How do I reset it?",
+    "I called the function of the committee into question during the meeting.",
+    "Let me know what you think: is 5 = 5 always true?",
+    "For (a few) reasons I prefer tea.\nfor example:\n- it is warm\n- it is cheap",
+    "Summarize the history of the Java programming language and its class libraries.",
+]
+
+
+@pytest.mark.parametrize("text", CODE)
+def test_detects_code(text: str) -> None:
+    assert looks_like_code(text), code_score(text)
+
+
+@pytest.mark.parametrize("text", PROSE)
+def test_prose_is_not_code(text: str) -> None:
+    assert not looks_like_code(text), code_score(text)

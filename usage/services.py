@@ -1,0 +1,125 @@
+"""The one ledger write: a UsageRecord, the quota settled, the conversation updated — atomically."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from django.db import transaction
+
+from chat.models import Conversation, Message
+from usage.models import UsageRecord
+from usage.quotas import Reservation, token_settle
+
+TITLE_CHARS = 80
+
+
+@dataclass(frozen=True)
+class ChatOutcome:
+    """Everything known about a finished request, however it ended."""
+
+    request_id: uuid.UUID
+    created_at: datetime
+    user_id: int
+    api_key_id: int | None
+    plan: str
+    transport: str
+    conversation_id: uuid.UUID | None  # None: nothing is kept in a conversation (the /v1 API)
+    user_message: str
+    system_prompt: str
+    reply: str
+    provider: str
+    model: str
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    cost: Decimal
+    input_price: Decimal | None
+    cached_input_price: Decimal | None
+    output_price: Decimal | None
+    latency_ms: int
+    time_to_first_token_ms: int | None
+    status: str
+    usage_source: str
+    fallback_path: list[str] = field(default_factory=list)
+    attempts: int = 0
+    error_code: str = ""
+    flagged: bool = False
+    reservation: Reservation | None = None
+
+
+def usage_settle(*, outcome: ChatOutcome) -> UsageRecord:
+    """Write the request's UsageRecord, settle its token reservation to the actual usage, and
+    keep the exchange in its conversation (only when the provider produced text) — one transaction.
+    """
+    with transaction.atomic():
+        if outcome.reservation is not None:
+            token_settle(reservation=outcome.reservation, actual_tokens=outcome.input_tokens + outcome.output_tokens)
+        record = UsageRecord.objects.create(
+            request_id=outcome.request_id,
+            created_at=outcome.created_at,
+            user_id=outcome.user_id,
+            api_key_id=outcome.api_key_id,
+            plan=outcome.plan,
+            conversation_id=outcome.conversation_id,
+            transport=outcome.transport,
+            provider=outcome.provider,
+            model=outcome.model,
+            input_tokens=outcome.input_tokens,
+            cached_input_tokens=outcome.cached_input_tokens,
+            output_tokens=outcome.output_tokens,
+            cost=outcome.cost,
+            input_price=outcome.input_price,
+            cached_input_price=outcome.cached_input_price,
+            output_price=outcome.output_price,
+            latency_ms=outcome.latency_ms,
+            time_to_first_token_ms=outcome.time_to_first_token_ms,
+            status=outcome.status,
+            usage_source=outcome.usage_source,
+            fallback_path=outcome.fallback_path,
+            attempts=outcome.attempts,
+            error_code=outcome.error_code,
+            flagged=outcome.flagged,
+        )
+        if outcome.reply and outcome.conversation_id is not None:
+            _conversation_append(outcome)
+    return record
+
+
+def _conversation_append(outcome: ChatOutcome) -> None:
+    assert outcome.conversation_id is not None
+    conversation, created = Conversation.objects.get_or_create(
+        id=outcome.conversation_id,
+        defaults={
+            "user_id": outcome.user_id,
+            "title": " ".join(outcome.user_message.split())[:TITLE_CHARS],
+            "system_prompt": outcome.system_prompt,
+        },
+    )
+    if not created:
+        # Touch updated_at so the conversation sorts as the most recent.
+        conversation.save(update_fields=["updated_at"])
+    Message.objects.bulk_create(
+        [
+            Message(
+                conversation=conversation,
+                role=Message.Role.USER,
+                content=outcome.user_message,
+                request_id=outcome.request_id,
+            ),
+            Message(
+                conversation=conversation,
+                role=Message.Role.ASSISTANT,
+                content=outcome.reply,
+                request_id=outcome.request_id,
+                provider=outcome.provider,
+                model=outcome.model,
+                input_tokens=outcome.input_tokens,
+                output_tokens=outcome.output_tokens,
+                cost=outcome.cost,
+                incomplete=outcome.status != "ok",
+            ),
+        ]
+    )
