@@ -11,6 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from chatservice.errors import ServiceError
 
 MAX_TEMPERATURE = 2.0
+# C0 and C1 control characters other than tab, newline and carriage return. Postgres cannot
+# store NUL at all; the others only hide text. They are removed, the rest is kept as sent.
+_CONTROL = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0)])
+
+
+def sanitize(text: str) -> str:
+    """`text` without control characters (tab, newline and carriage return stay)."""
+    return text.translate(_CONTROL)
 
 
 class ChatRequest(BaseModel):
@@ -29,8 +37,19 @@ class ChatRequest(BaseModel):
     @field_validator("message")
     @classmethod
     def _message_not_blank(cls, value: str) -> str:
+        value = sanitize(value)
         if not value.strip():
             raise ValueError("must not be empty")
+        if len(value) > settings.MAX_MESSAGE_CHARS:
+            raise ValueError(f"must be at most {settings.MAX_MESSAGE_CHARS} characters")
+        return value
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _clean_system_prompt(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = sanitize(value)
         if len(value) > settings.MAX_MESSAGE_CHARS:
             raise ValueError(f"must be at most {settings.MAX_MESSAGE_CHARS} characters")
         return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,22 @@ from providers.catalog import catalog_cache
 from providers.registry import registry
 from providers.sandbox.app import create_sandbox_app
 from providers.sandbox.faults import SandboxState
+from tests.aliases import expand
 from tests.sandbox_server import BackgroundServer
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("chat service")
+    group.addoption("--mock", action="store_true", help="integration tests against the sandbox upstream (default)")
+    group.addoption(
+        "--api-keys",
+        action="store_true",
+        help="integration tests against the real providers, with the keys in the environment",
+    )
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    return expand(file_path, parent)
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +121,11 @@ def _service_server() -> Iterator[BackgroundServer]:
     server = BackgroundServer(application).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def service_server(_service_server: BackgroundServer) -> BackgroundServer:
+    return _service_server
 
 
 @pytest.fixture

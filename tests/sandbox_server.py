@@ -24,9 +24,18 @@ class BackgroundServer:
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self) -> None:
-        asyncio.run(self.server.serve())
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve()
+
+    def tasks(self, prefix: str) -> list[asyncio.Task[object]]:
+        """The server loop's live tasks whose name starts with `prefix` (for leak checks)."""
+        return [t for t in asyncio.all_tasks(self.loop) if t.get_name().startswith(prefix) and not t.done()]
 
     @property
     def url(self) -> str:

@@ -5,6 +5,7 @@ them when they are stopped. Anything already set in the environment wins.
 """
 
 import os
+import sys
 import uuid
 
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/chatservice")
@@ -17,9 +18,11 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")
 os.environ.setdefault("CONN_MAX_AGE", "0")
 # Short waits keep the router tests quick; tests that time things set their own.
 os.environ.setdefault("RETRY_DELAY_SECONDS", "0.01")
-# Tests never use a developer's real keys unless they ask to (--api-keys).
-for _name in ("OPENAI_API_KEY", "CLAUDE_API_KEY", "DEEPSEEK_API_KEY", "GEMINI_API_KEY"):
-    if os.environ.get("CHAT_TESTS_WITH_API_KEYS") != "1":
+# Tests never use a developer's real keys unless they ask to: `pytest tests/integration/ --api-keys`.
+# (Settings load before pytest parses its options, hence the look at argv.)
+API_KEYS_MODE = "--api-keys" in sys.argv or os.environ.get("CHAT_TESTS_WITH_API_KEYS") == "1"
+if not API_KEYS_MODE:
+    for _name in ("OPENAI_API_KEY", "CLAUDE_API_KEY", "DEEPSEEK_API_KEY", "GEMINI_API_KEY"):
         os.environ[_name] = ""
 
 from chatservice.settings import *  # noqa: E402,F403

@@ -170,3 +170,27 @@ def test_client_request_id_is_used_when_it_is_a_uuid(service_url, sandbox, make_
     assert response.headers["X-Request-ID"] == rid and response.json()["request_id"] == rid
     other = post(service_url, key, {"message": "hi", "model": "deepseek"}, **{"X-Request-ID": "nope"})
     assert other.headers["X-Request-ID"] != "nope"
+
+
+def test_control_characters_are_removed_and_stored_text_is_what_remains(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    body = {"message": "he\u0000llo\u0007 wo\trld\n", "model": "deepseek", "system_prompt": "x\u0000y"}
+    response = post(service_url, key, body)
+    assert response.status_code == 200, response.text
+    conversation = Conversation.objects.get(id=response.json()["conversation_id"])
+    assert conversation.system_prompt == "xy"
+    assert Message.objects.filter(conversation=conversation, role="user").get().content == "hello wo\trld\n"
+
+
+def test_lone_surrogates_are_refused(service_url, make_user) -> None:
+    _, key = make_user("premium")
+    response = post(service_url, key, b'{"message": "bad \\ud800 text"}', **{"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+
+
+def test_body_over_the_limit_is_413_before_parsing(service_url, make_user, settings) -> None:
+    settings.MAX_REQUEST_BYTES = 1000
+    _, key = make_user("premium")
+    response = post(service_url, key, {"message": "x" * 2000})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert UsageRecord.objects.count() == 0

@@ -221,3 +221,44 @@ def test_websocket_refusals(service_url, make_user) -> None:
     wrong_key = {"Authorization": "Bearer cs_x_y"}
     assert asyncio.run(closed_code(additional_headers=wrong_key, origin="http://localhost")) == 4401
     assert asyncio.run(closed_code(origin="https://evil.example")) == 4403
+
+
+def test_disconnect_leaves_no_task_behind(service_url, service_server, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    sse_chat(service_url, key, {"message": "x [[tokens:50]] [[slow:50]]", "model": "claude"}, stop_after_tokens=2)
+    record = wait_for_record()
+    assert record.status == "cancelled"
+    deadline = time.monotonic() + 2
+    while (service_server.tasks("chat-") or sandbox.active_streams) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert service_server.tasks("chat-") == [] and sandbox.active_streams == 0
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_billed_as_cancelled(sandbox, make_user, settings) -> None:
+    """The buffer between upstream and client is bounded; a full buffer for too long ends the run."""
+    from accounts.selectors import api_key_authenticate
+    from chat.pipeline import ChatRun, prepare
+    from chat.schemas import ChatRequest
+    from chatservice.db import db_async
+    from chatservice.request_ids import request_id_from
+
+    settings.STREAM_BUFFER_EVENTS = 4
+    settings.SLOW_CLIENT_TIMEOUT_SECONDS = 0.3
+    _, key = await db_async(make_user)("premium")
+    principal = await db_async(api_key_authenticate)(key)
+    prepared = await prepare(
+        principal=principal,
+        chat=ChatRequest(message="x [[tokens:200]] [[slow:20]]", model="openai"),
+        transport="sse",
+        request_id=request_id_from(None),
+    )
+    run = ChatRun(prepared).start()
+    await asyncio.wait_for(run.settled.wait(), timeout=5)  # nobody reads: it gives up on its own
+    assert run._queue.qsize() <= 4
+    record = run.record
+    assert record is not None and record.status == "cancelled" and record.error_code == "slow_client"
+    assert 4 <= record.output_tokens < 200
+    deadline = asyncio.get_running_loop().time() + 2
+    while sandbox.active_streams and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    assert sandbox.active_streams == 0 and sandbox.aborted_streams == 1

@@ -582,7 +582,7 @@ async def test_sandbox_deadline_is_never_exceeded(live: SandboxState) -> None:
     ):
         await collect(Router(), route_request(await entry("gpt-4o-mini"), text="x [[hang]]"), trace)
     elapsed = time.monotonic() - started
-    assert 1.5 <= elapsed <= 1.6 + 0.5
+    assert 1.5 <= elapsed <= 1.6 + 1.0
     assert trace.tried == ["openai", "claude"]
 
 

@@ -1,0 +1,1 @@
+"""Stands for the provider client tests under tests/providers/ (see tests/aliases.py)."""

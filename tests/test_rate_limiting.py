@@ -1,0 +1,1 @@
+"""Stands for the limiter and quota tests under tests/usage/ (see tests/aliases.py)."""

@@ -1,0 +1,1 @@
+"""Stands for the router tests under tests/providers/ (see tests/aliases.py)."""

@@ -1,0 +1,1 @@
+"""Stands for the streaming tests under tests/chat/ (see tests/aliases.py)."""
