@@ -46,3 +46,6 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"
+
+
+from chat.filter_rules import ContentRule  # noqa: E402,F401

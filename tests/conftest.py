@@ -65,11 +65,15 @@ def _router_state_namespace(settings: Any) -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_caches() -> Iterator[None]:
+    from chat.filtering import rule_cache
+
     key_cache.clear()
     catalog_cache.invalidate()
+    rule_cache.invalidate()
     yield
     key_cache.clear()
     catalog_cache.invalidate()
+    rule_cache.invalidate()
     registry.reset()
 
 
@@ -77,7 +81,11 @@ def _seed() -> None:
     """Re-apply the data migrations' seed (a transactional test's flush empties those tables)."""
     import importlib
 
-    for module in ("accounts.migrations.0002_seed_plans", "providers.migrations.0002_seed_catalog"):
+    for module in (
+        "accounts.migrations.0002_seed_plans",
+        "providers.migrations.0002_seed_catalog",
+        "chat.migrations.0003_seed_content_rules",
+    ):
         importlib.import_module(module).seed(django_apps, None)
 
 
