@@ -262,5 +262,5 @@ async def test_a_client_that_stops_reading_is_dropped_and_billed_as_cancelled(sa
     for _ in range(100):  # the upstream closes within 2 s
         if not sandbox.active_streams:
             break
-        await asyncio.sleep(0.02)  # noqa: ASYNC110 - the sandbox's state lives in another thread
+        await asyncio.sleep(0.02)  # the sandbox's state lives in another thread
     assert sandbox.active_streams == 0 and sandbox.aborted_streams == 1
