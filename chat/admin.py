@@ -25,4 +25,6 @@ class ConversationAdmin(admin.ModelAdmin):
     search_fields = ("id", "user__username", "title")
     readonly_fields = ("id", "user", "created_at", "updated_at")
     inlines = (MessageInline,)
+
+
 import chat.filter_admin  # noqa: E402,F401

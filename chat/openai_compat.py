@@ -95,10 +95,7 @@ def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
         if unknown:
             error.message = f"Unrecognized request argument supplied: {', '.join(unknown)}"
         raise error from None
-    messages = tuple(
-        ChatMessage("system" if m.role == "developer" else m.role, m.text())
-        for m in request.messages
-    )
+    messages = tuple(ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in request.messages)
     users = [m.content for m in messages if m.role == "user"]
     if not users or not any(u.strip() for u in users):
         raise ServiceError(
