@@ -280,7 +280,9 @@ async def test_deadline_bounds_all_attempts_and_fallbacks(scripted: dict[str, Sc
 
     assert caught.value.code == "deadline_exceeded"
     assert 1.4 <= elapsed <= 1.5 + 0.5
-    assert trace.attempts == 4  # three 0.4 s attempts on openai, then 0.3 s left for claude
+    # three 0.4 s attempts on openai, then what is left (about 0.27 s) for claude; on a busy
+    # machine the overhead can eat that remainder, so the fourth attempt is not guaranteed.
+    assert 3 <= trace.attempts <= 4 and trace.tried[0] == "openai"
     assert sum(p.active for p in scripted.values()) == 0
 
 
