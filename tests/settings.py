@@ -28,7 +28,8 @@ if not API_KEYS_MODE:
 from chatservice.settings import *  # noqa: E402,F403
 
 # Hourly windows outlive a test run; a fresh namespace keeps runs from sharing counts.
-RATE_LIMIT_NAMESPACE = f"test-{uuid.uuid4().hex}"
+# (Server processes a test starts pass theirs in the environment, to share the test's windows.)
+RATE_LIMIT_NAMESPACE = os.environ.get("RATE_LIMIT_NAMESPACE") or f"test-{uuid.uuid4().hex}"
 SESSION_COOKIE_SECURE = False
 CSRF_COOKIE_SECURE = False
 SECURE_HSTS_SECONDS = 0
