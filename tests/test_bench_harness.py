@@ -1,0 +1,218 @@
+"""The bench harness: the mock upstream under the real OpenAI SDK, and the load generator's numbers on tiny runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from bench.load import StreamScanner, Target, run_load
+from bench.mock_upstream import MockSpec, MockUpstream, parse_spec, reply_text, spec_for
+from bench.report import verdict
+from bench.scenarios import SCENARIOS, gateway_target, openai_target, select
+from bench.stats import distribution, percentile
+from chat.events import Done, Failed, Started, Token, sse_frame
+from chatservice.errors import ServiceError
+from tests.sandbox_server import BackgroundServer
+
+
+@pytest.fixture(scope="module")
+def mock_server() -> Iterator[tuple[BackgroundServer, MockUpstream]]:
+    app = MockUpstream(default=MockSpec(tokens=3))
+    server = BackgroundServer(app).start()
+    yield server, app
+    server.stop()
+
+
+@pytest.fixture
+def mock_url(mock_server: tuple[BackgroundServer, MockUpstream]) -> str:
+    return mock_server[0].url
+
+
+def client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=10)
+
+
+# --- the mock upstream ------------------------------------------------------------------------
+
+
+async def test_mock_answers_a_non_streaming_sdk_request_paced_by_the_header(mock_url: str) -> None:
+    async with client(mock_url) as sdk:
+        completion = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hello"}],
+            extra_headers={"x-mock": "ttft=0,itl=0,tokens=7"},
+        )
+    assert completion.model == "gpt-4o-mini"
+    assert completion.choices[0].message.content == reply_text(7)
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None and completion.usage.completion_tokens == 7
+
+
+async def test_mock_streams_to_the_sdk_with_usage_paced_by_the_message_marker(mock_url: str) -> None:
+    spec = MockSpec(ttft=0.03, itl=0.01, tokens=5)
+    async with client(mock_url) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi " + spec.marker()}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply_text(5)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+async def test_mock_lists_models_and_refuses_unknown_paths(mock_url: str) -> None:
+    async with client(mock_url) as sdk:
+        models = await sdk.models.list()
+        assert "gpt-4o-mini" in [m.id for m in models.data]
+        with pytest.raises(openai.NotFoundError):
+            await sdk.embeddings.create(model="x", input="y")
+
+
+def test_spec_parsing_header_in_seconds_marker_in_milliseconds() -> None:
+    default = MockSpec(ttft=1.0, itl=1.0, tokens=1)
+    assert parse_spec("ttft=0.005,itl=0.002,tokens=50", default, unit=1.0) == MockSpec(0.005, 0.002, 50)
+    assert parse_spec("tokens=9 bogus=1 itl=x", default, unit=1.0) == MockSpec(1.0, 1.0, 9)
+    body = orjson.dumps({"messages": [{"role": "user", "content": "a [[mock ttft=5 itl=2 tokens=50]]"}]})
+    assert spec_for([], body, default) == MockSpec(0.005, 0.002, 50)
+    assert spec_for([(b"x-mock", b"tokens=4")], body, default) == MockSpec(1.0, 1.0, 4)
+    assert spec_for([], b"{}", default) == default
+    assert MockSpec(0.1, 0.1, 100).duration == pytest.approx(10.0)
+    assert spec_for([], MockSpec(0.1, 0.02, 3).marker().encode(), default) == MockSpec(0.1, 0.02, 3)
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 90) == pytest.approx(90.1)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([1.0, 2.0], 50) == pytest.approx(1.5)
+    summary = distribution([5.0, 1.0, 3.0])
+    assert summary is not None
+    assert (summary.count, summary.min, summary.p50, summary.max, summary.mean) == (3, 1.0, 3.0, 5.0, 3.0)
+    assert distribution([]) is None
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+# --- the load generator on tiny runs -----------------------------------------------------------
+
+
+async def test_non_streaming_run_counts_every_request_and_samples_memory(mock_url: str) -> None:
+    scenario = select(["nonstream-c16"], quick=True)[0].scaled(requests=40, concurrency=4)
+    result = await run_load(openai_target(mock_url, scenario), requests=40, concurrency=4, pid=os.getpid(), core=0)
+    assert (result.requested, result.sent, result.ok, result.errors) == (40, 40, 40, 0)
+    assert result.concurrency == 4
+    assert result.latency is not None and result.latency.count == 40
+    assert result.latency.min <= result.latency.p50 <= result.latency.p90 <= result.latency.p99 <= result.latency.max
+    assert result.rps == pytest.approx(40 / result.elapsed)
+    assert result.ttft is None and result.tokens == 0
+    usage = result.process
+    assert usage is not None and usage.rss_before > 0 and usage.rss_peak >= usage.rss_before and usage.samples >= 2
+    assert usage.cpu_seconds is not None and usage.cpu_seconds > 0  # this process did the client's work
+    assert usage.core_busy is not None and 0 <= usage.core_busy <= 1
+
+
+async def test_streaming_run_counts_tokens_and_first_token_times(
+    mock_url: str, mock_server: tuple[BackgroundServer, MockUpstream]
+) -> None:
+    spec = MockSpec(ttft=0.02, itl=0.005, tokens=6)
+    scenario = select(["stream-c64"], quick=True)[0].scaled(requests=12, concurrency=3, spec=spec)
+    before = mock_server[1].stats.streams_completed
+    result = await run_load(openai_target(mock_url, scenario), requests=12, concurrency=3)
+    assert (result.ok, result.errors, result.tokens) == (12, 0, 12 * 6)
+    assert mock_server[1].stats.streams_completed - before == 12
+    assert result.ttft is not None and result.latency is not None and result.ttft.count == 12
+    # Lower bounds only: the mock never answers before its pacing says so.
+    assert result.ttft.min >= 0.02 * 0.9
+    assert result.latency.min >= spec.duration * 0.9
+    assert result.ttft.max <= result.latency.max
+
+
+async def test_failed_requests_are_counted_by_kind_not_timed(mock_url: str) -> None:
+    target = Target(url=f"{mock_url}/nowhere", body=b"{}", stream=False)
+    result = await run_load(target, requests=5, concurrency=2)
+    assert (result.ok, result.errors, result.error_kinds) == (0, 5, {"HTTP 404": 5})
+    assert result.latency is None and result.rps == 0
+
+
+def _gateway_app(frames: list[bytes]) -> Any:
+    """A stand-in for `POST /chat/stream`: the gateway's own SSE encoding, sent chunk by chunk."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for frame in frames:
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+def _gateway_frames(*, tokens: int, end: str) -> list[bytes]:
+    frames = [sse_frame(Started(request_id="r", conversation_id="c", model="gpt-4o-mini", provider="openai"))]
+    frames += [sse_frame(Token(f"w{i} ")) for i in range(tokens)]
+    if end == "done":
+        frames.append(sse_frame(Done({"message": "..."})))
+    elif end == "error":
+        frames.append(sse_frame(Failed(ServiceError("upstream_timeout", "late", status=504))))
+    # Split frames at odd places, as TCP may: the parser must not care.
+    joined = b"".join(frames)
+    return [joined[i : i + 7] for i in range(0, len(joined), 7)]
+
+
+@pytest.mark.parametrize(
+    ("end", "ok", "kinds"), [("done", 3, {}), ("error", 0, {"error event": 3}), ("none", 0, {"stream ended early": 3})]
+)
+async def test_gateway_sse_frames_are_parsed_over_http(end: str, ok: int, kinds: dict[str, int]) -> None:
+    server = BackgroundServer(_gateway_app(_gateway_frames(tokens=4, end=end))).start()
+    try:
+        scenario = select(["stream-c64"], quick=True)[0]
+        result = await run_load(gateway_target(server.url, scenario, api_key="k"), requests=3, concurrency=2)
+    finally:
+        server.stop()
+    assert (result.ok, result.error_kinds) == (ok, kinds)
+    assert result.tokens == 4 * ok
+    assert (result.ttft.count if result.ttft else 0) == ok
+
+
+def test_scanner_reads_openai_chunks_and_ignores_role_only_ones() -> None:
+    scanner = StreamScanner()
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    token = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    scanner.feed(role, 1.0)
+    assert scanner.first_token_at is None
+    scanner.feed(token[:10], 2.0)
+    scanner.feed(token[10:] + b"data: [DONE]\n\n", 3.0)
+    assert (scanner.tokens, scanner.first_token_at, scanner.done, scanner.error) == (1, 3.0, True, None)
+
+
+# --- verdicts -----------------------------------------------------------------------------------
+
+
+async def test_verdicts_compare_the_gateway_with_the_direct_run(mock_url: str) -> None:
+    c1 = next(s for s in SCENARIOS if s.name == "nonstream-c1").scaled(requests=5)
+    direct = await run_load(openai_target(mock_url, c1), requests=5, concurrency=1)
+    slow = await run_load(
+        openai_target(mock_url, c1.scaled(requests=5, spec=MockSpec(ttft=0.01, tokens=1))), requests=5, concurrency=1
+    )
+    assert verdict(c1, direct, direct) == "pass"
+    assert verdict(c1, slow, direct).startswith("FAIL: added p50")
+    assert verdict(c1, None, direct) == "-"
