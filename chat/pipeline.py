@@ -314,6 +314,7 @@ class ChatRun:
             plan=prepared.principal.plan,
             transport=prepared.transport,
             conversation_id=prepared.conversation_id if prepared.persist else None,
+            new_conversation=prepared.chat.conversation_id is None,
             user_message=prepared.chat.message,
             system_prompt=prepared.system_prompt,
             reply=reply,

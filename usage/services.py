@@ -8,6 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db import transaction
+from django.utils import timezone
 
 from chat.models import Conversation, Message
 from usage.models import UsageRecord
@@ -27,6 +28,7 @@ class ChatOutcome:
     plan: str
     transport: str
     conversation_id: uuid.UUID | None  # None: nothing is kept in a conversation (the /v1 API)
+    new_conversation: bool
     user_message: str
     system_prompt: str
     reply: str
@@ -90,27 +92,26 @@ def usage_settle(*, outcome: ChatOutcome) -> UsageRecord:
 
 def _conversation_append(outcome: ChatOutcome) -> None:
     assert outcome.conversation_id is not None
-    conversation, created = Conversation.objects.get_or_create(
-        id=outcome.conversation_id,
-        defaults={
-            "user_id": outcome.user_id,
-            "title": " ".join(outcome.user_message.split())[:TITLE_CHARS],
-            "system_prompt": outcome.system_prompt,
-        },
-    )
-    if not created:
-        # Touch updated_at so the conversation sorts as the most recent.
-        conversation.save(update_fields=["updated_at"])
+    if outcome.new_conversation:
+        Conversation.objects.create(
+            id=outcome.conversation_id,
+            user_id=outcome.user_id,
+            title=" ".join(outcome.user_message.split())[:TITLE_CHARS],
+            system_prompt=outcome.system_prompt,
+        )
+    else:
+        # The conversation now sorts as the most recent one.
+        Conversation.objects.filter(id=outcome.conversation_id).update(updated_at=timezone.now())
     Message.objects.bulk_create(
         [
             Message(
-                conversation=conversation,
+                conversation_id=outcome.conversation_id,
                 role=Message.Role.USER,
                 content=outcome.user_message,
                 request_id=outcome.request_id,
             ),
             Message(
-                conversation=conversation,
+                conversation_id=outcome.conversation_id,
                 role=Message.Role.ASSISTANT,
                 content=outcome.reply,
                 request_id=outcome.request_id,
