@@ -388,7 +388,7 @@ async def _settle(outcome: ChatOutcome) -> UsageRecord | None:
     if settings.LOG_RESPONSES:
         request_logger.info(
             "chat content",
-            extra={"request_id": str(outcome.request_id), "message": outcome.user_message, "reply": outcome.reply},
+            extra={"request_id": str(outcome.request_id), "user_message": outcome.user_message, "reply": outcome.reply},
         )
     return record
 

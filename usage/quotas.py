@@ -13,10 +13,11 @@ import math
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 from datetime import UTC, date, datetime, time, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
@@ -102,17 +103,74 @@ def _reap_rows(rows: list[tuple[uuid.UUID, int, date, int]]) -> int:
     return reaped
 
 
+# Postgres: the day's row is created or guarded-updated and the reservation inserted in ONE
+# statement (one round trip, atomic on its own). ON CONFLICT DO UPDATE locks the row and applies
+# the WHERE guard, so `used + reserved <= limit` holds however many requests race; a refused
+# reservation returns no row and inserts nothing.
+_RESERVE_SQL = """
+WITH day_row AS (
+    INSERT INTO usage_dailytokenusage (user_id, day, used, reserved)
+    SELECT %(user_id)s, %(day)s, 0, %(tokens)s WHERE %(tokens)s <= %(limit)s
+    ON CONFLICT (user_id, day) DO UPDATE
+        SET reserved = usage_dailytokenusage.reserved + EXCLUDED.reserved
+        WHERE usage_dailytokenusage.used + usage_dailytokenusage.reserved + EXCLUDED.reserved <= %(limit)s
+    RETURNING 1
+)
+INSERT INTO usage_tokenreservation (id, user_id, day, tokens, created_at, expires_at)
+SELECT %(id)s, %(user_id)s, %(day)s, %(tokens)s, %(now)s, %(expires_at)s FROM day_row
+RETURNING id
+"""
+
+
+def _reserve_in_one_statement(reservation: Reservation, *, limit: int, now: datetime) -> bool:
+    params: dict[str, Any] = {
+        "id": reservation.id,
+        "user_id": reservation.user_id,
+        "day": reservation.day,
+        "tokens": reservation.tokens,
+        "limit": limit,
+        "now": now,
+        "expires_at": now + timedelta(seconds=settings.TOKEN_RESERVATION_TTL_SECONDS),
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_RESERVE_SQL, params)
+        return cursor.fetchone() is not None
+
+
+def _reap_expired_for(*, user_id: int, day: date, now: datetime) -> int:
+    with transaction.atomic():
+        expired = TokenReservation.objects.filter(user_id=user_id, day=day, expires_at__lte=now)
+        return _reap_rows(list(expired.values_list("id", "user_id", "day", "tokens")))
+
+
 def token_reserve(*, user_id: int, limit: int, tokens: int, now: datetime | None = None) -> Reservation:
     """Hold `tokens` of today's (UTC) quota for one request, or raise 429 `token_quota_exceeded`.
 
-    The same user's expired reservations for today are reaped first, so a crashed request's tokens
-    come back without waiting for the `reapreservations` command.
+    When the quota would refuse, the same user's expired reservations for today are reaped and
+    the reservation tried once more, so a crashed request's tokens come back without waiting for
+    the `reapreservations` command. On Postgres the common case is a single statement.
     """
     if tokens < 0:
         raise ValueError("tokens must be >= 0")
     now = _utc(now)
     day = now.date()
     reservation = Reservation(id=uuid.uuid4(), user_id=user_id, day=day, tokens=tokens)
+    if connection.vendor != "postgresql":
+        return token_reserve_portable(reservation, limit=limit, now=now)
+    if _reserve_in_one_statement(reservation, limit=limit, now=now):
+        return reservation
+    if _reap_expired_for(user_id=user_id, day=day, now=now) and _reserve_in_one_statement(
+        reservation, limit=limit, now=now
+    ):
+        return reservation
+    used, reserved = _counts(user_id=user_id, day=day)
+    raise _quota_exceeded(limit=limit, used=used, reserved=reserved, requested=tokens, now=now)
+
+
+def token_reserve_portable(reservation: Reservation, *, limit: int, now: datetime) -> Reservation:
+    """`token_reserve` for databases without data-modifying CTEs (SQLite in the embedded default):
+    the same guard as separate statements in one transaction."""
+    user_id, day, tokens = reservation.user_id, reservation.day, reservation.tokens
     refusal: ServiceError | None = None
     with transaction.atomic():
         _day_row_ensure(user_id=user_id, day=day)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from io import StringIO
 from zoneinfo import ZoneInfo
@@ -35,8 +36,8 @@ def user_id() -> int:
 
 
 def _row(user_id: int, day: datetime = NOON) -> tuple[int, int]:
-    row = DailyTokenUsage.objects.get(user_id=user_id, day=day.date())
-    return row.used, row.reserved
+    row = DailyTokenUsage.objects.filter(user_id=user_id, day=day.date()).first()
+    return (row.used, row.reserved) if row else (0, 0)  # no reservation ever fitted: no row
 
 
 def test_reserve_holds_tokens_and_records_a_reservation(user_id: int, settings: object) -> None:
@@ -202,3 +203,19 @@ def test_settle_outside_a_transaction_is_refused(user_id: int) -> None:
     with pytest.raises(TransactionManagementError):
         token_settle(reservation=reservation, actual_tokens=5)
     assert _row(user_id) == (0, 10)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_portable_reserve_keeps_the_same_guard(make_user) -> None:
+    """The statement-by-statement path (SQLite in the embedded default), run here on Postgres."""
+    from usage.quotas import Reservation, token_reserve_portable
+
+    user, _ = make_user("free")
+    now = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    first = token_reserve_portable(Reservation(uuid.uuid4(), user.pk, now.date(), 60), limit=100, now=now)
+    assert first.tokens == 60
+    with pytest.raises(ServiceError) as refused:
+        token_reserve_portable(Reservation(uuid.uuid4(), user.pk, now.date(), 41), limit=100, now=now)
+    assert refused.value.code == "token_quota_exceeded" and refused.value.details["reserved"] == 60
+    token_reserve_portable(Reservation(uuid.uuid4(), user.pk, now.date(), 40), limit=100, now=now)
+    assert quota_state(user_id=user.pk, limit=100, now=now).remaining == 0
