@@ -13,8 +13,8 @@ import math
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
