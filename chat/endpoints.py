@@ -10,7 +10,7 @@ import orjson
 from django.conf import settings
 
 from chat.events import Done, Failed
-from chat.http_transport import Exchange, Receive, Scope, Send, collect, disconnect_guard, stream_sse
+from chat.http_transport import Exchange, Receive, Scope, Send, collect, disconnect_guard, json_errors, stream_sse
 from chat.pipeline import ChatRun, prepare
 from chat.schemas import ChatRequest, parse_chat_request
 from chatservice.errors import ServiceError
@@ -23,7 +23,7 @@ STREAMING_DISABLED = ServiceError("streaming_disabled", "Streaming is disabled o
 
 
 def method_not_allowed() -> ServiceError:
-    return ServiceError("method_not_allowed", "Use POST.", status=405)
+    return ServiceError("method_not_allowed", "Use POST.", status=405, headers={"Allow": "POST"})
 
 
 class ChatEndpoint:
@@ -33,6 +33,7 @@ class ChatEndpoint:
         self.always_stream = always_stream
         self.transport = transport
 
+    @json_errors
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
         try:
@@ -71,6 +72,7 @@ class ChatEndpoint:
 class BatchEndpoint:
     """ASGI app for `POST /chat/batch`: each item admitted, limited and billed on its own."""
 
+    @json_errors
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from chatservice.request_ids import request_id_from
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+logger = logging.getLogger("chat.http")
 
 SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -155,3 +159,29 @@ async def collect(run: ChatRun) -> Done | Failed | None:
         if isinstance(event, Done | Failed):
             return event
     return None
+
+
+def json_errors(handler: Callable[[Any, Scope, Receive, Send], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Wrap an ASGI endpoint so an unexpected exception answers 500 in the JSON error shape
+    (when no response has started yet) instead of the server's plain-text page."""
+
+    @functools.wraps(handler)
+    async def call(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await handler(self, scope, receive, tracking_send)
+        except Exception:
+            logger.exception("unexpected error in %s", type(self).__name__)
+            if started:
+                raise
+            error = ServiceError("internal_error", "The request failed unexpectedly.", status=500)
+            await Exchange(scope, receive, send).send_error(error)
+
+    return call

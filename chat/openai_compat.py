@@ -15,9 +15,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chat.events import Done, Failed, Started, Token
-from chat.http_transport import Exchange, Receive, Scope, Send, collect, disconnect_guard
+from chat.http_transport import Exchange, Receive, Scope, Send, collect, disconnect_guard, json_errors
 from chat.pipeline import ChatRun, Passthrough, prepare
-from chat.schemas import ChatRequest, validation_error
+from chat.schemas import ChatRequest, parse_chat_request, validation_error
 from chatservice.errors import ServiceError
 from providers.base import ChatMessage
 from providers.catalog import acatalog_entries
@@ -35,13 +35,13 @@ _ERROR_TYPES = {
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: str
 
 
 class OpenAIMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
@@ -53,14 +53,14 @@ class OpenAIMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
     """The subset of OpenAI's chat completions request the gateway serves; anything else is refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     messages: list[OpenAIMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -105,12 +105,14 @@ def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
             details={"fields": {"messages": "must include a user message"}},
         )
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
-    chat = ChatRequest(
-        message=users[-1],
-        model=request.model,
-        temperature=request.temperature,
-        max_tokens=request.max_completion_tokens or request.max_tokens,
-        stream=request.stream,
+    chat = parse_chat_request(  # refuses (400) a message that sanitizing leaves blank
+        {
+            "message": users[-1],
+            "model": request.model,
+            "temperature": request.temperature,
+            "max_tokens": request.max_completion_tokens or request.max_tokens,
+            "stream": request.stream,
+        }
     )
     return request, chat, Passthrough(messages=messages, stop=stop)
 
@@ -130,11 +132,12 @@ def _usage(response: dict[str, Any]) -> dict[str, int]:
 class ChatCompletions:
     """ASGI app for `POST /v1/chat/completions` (JSON, or `data:` chunks when `stream` is true)."""
 
+    @json_errors
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
         try:
             if scope["method"] != "POST":
-                raise ServiceError("method_not_allowed", "Use POST.", status=405)
+                raise ServiceError("method_not_allowed", "Use POST.", status=405, headers={"Allow": "POST"})
             principal = await exchange.authenticate()
             request, chat, passthrough = _parse(await exchange.read_body())
             prepared = await prepare(
@@ -230,11 +233,12 @@ class ChatCompletions:
 class ModelList:
     """ASGI app for `GET /v1/models`: the catalog in OpenAI's list shape."""
 
+    @json_errors
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
         try:
             if scope["method"] != "GET":
-                raise ServiceError("method_not_allowed", "Use GET.", status=405)
+                raise ServiceError("method_not_allowed", "Use GET.", status=405, headers={"Allow": "GET"})
             principal = await exchange.authenticate()
         except ServiceError as error:
             await _send_openai_error(exchange, error)

@@ -273,20 +273,33 @@ class ChatRun:
             status = "partial" if parts else "failed"
             error = ServiceError("internal_error", "The request failed unexpectedly.", status=500)
         finally:
-            outcome = self._outcome(trace, parts, usage, first_token_at, status, error, cancelled)
-            settle = asyncio.ensure_future(_settle(outcome))
+            outcome: ChatOutcome | None = None
             try:
-                self.record = await asyncio.shield(settle)
-            except asyncio.CancelledError:
-                self.record = await settle
-            self.settled.set()
+                outcome = self._outcome(trace, parts, usage, first_token_at, status, error, cancelled)
+                settle = asyncio.ensure_future(_settle(outcome))
+                try:
+                    self.record = await asyncio.shield(settle)
+                except asyncio.CancelledError:
+                    self.record = await settle
+            except Exception:
+                logger.exception("could not settle the request", extra={"request_id": str(prepared.request_id)})
+            finally:
+                self.settled.set()
         if cancelled:
             with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(None)
             return
-        terminal: ChatEvent = Failed(error) if error is not None else Done(chat_response(prepared, outcome, trace))
         with contextlib.suppress(SlowClient):
-            await self._put(terminal)
+            await self._put(self._terminal(outcome, trace, error))
+
+    def _terminal(self, outcome: ChatOutcome | None, trace: RouteTrace, error: ServiceError | None) -> ChatEvent:
+        """The one event that ends the stream: done with the ChatResponse, or error."""
+        if error is None and outcome is not None:
+            try:
+                return Done(chat_response(self.prepared, outcome, trace))
+            except Exception:
+                logger.exception("could not build the response", extra={"request_id": str(self.prepared.request_id)})
+        return Failed(error or ServiceError("internal_error", "The request failed unexpectedly.", status=500))
 
     def _outcome(
         self,
@@ -364,6 +377,14 @@ async def _settle(outcome: ChatOutcome) -> UsageRecord | None:
     except Exception:
         logger.exception("could not write the usage record", extra={"request_id": str(outcome.request_id)})
         return None
+    try:
+        _observe(outcome)
+    except Exception:  # metrics and logs must never cost the client its answer
+        logger.exception("could not observe the request", extra={"request_id": str(outcome.request_id)})
+    return record
+
+
+def _observe(outcome: ChatOutcome) -> None:
     if settings.ENABLE_METRICS:
         observe_outcome(outcome)
     if settings.LOG_REQUESTS:
@@ -390,7 +411,6 @@ async def _settle(outcome: ChatOutcome) -> UsageRecord | None:
             "chat content",
             extra={"request_id": str(outcome.request_id), "user_message": outcome.user_message, "reply": outcome.reply},
         )
-    return record
 
 
 def chat_response(prepared: PreparedChat, outcome: ChatOutcome, trace: RouteTrace) -> dict[str, object]:

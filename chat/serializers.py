@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from chat.models import Conversation, Message
+from usage.selectors import money
+
+
+@extend_schema_field(OpenApiTypes.STR)
+class MoneyField(serializers.Field):
+    """USD as an exact decimal string ("0.000042"), as everywhere in the API."""
+
+    def to_representation(self, value: Decimal) -> str:
+        return money(Decimal(value))
 
 
 class ConversationSerializer(serializers.ModelSerializer):
@@ -16,7 +29,7 @@ class ConversationSerializer(serializers.ModelSerializer):
 
 
 class MessageSerializer(serializers.ModelSerializer):
-    cost = serializers.DecimalField(max_digits=24, decimal_places=12, coerce_to_string=True)
+    cost = MoneyField(read_only=True)
 
     class Meta:
         model = Message

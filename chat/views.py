@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from django.db.models import Count, QuerySet
 from rest_framework import generics
 from rest_framework.pagination import CursorPagination
@@ -10,6 +12,7 @@ from rest_framework.request import Request
 from accounts.principal import Principal
 from chat.models import Conversation
 from chat.serializers import ConversationDetailSerializer, ConversationSerializer
+from chatservice.errors import not_found
 
 
 def _caller(request: Request) -> int:
@@ -18,6 +21,8 @@ def _caller(request: Request) -> int:
 
 
 class RecentFirst(CursorPagination):
+    """Most recently active first; the id breaks ties so no conversation is skipped or repeated."""
+
     ordering = ("-updated_at", "-id")
     page_size = 20
     max_page_size = 100
@@ -37,15 +42,26 @@ class ConversationList(generics.ListAPIView):
 class ConversationDetail(generics.RetrieveDestroyAPIView):
     """One conversation with its messages (model, tokens and cost of each reply); DELETE removes it.
 
-    The ledger keeps its UsageRecords: they reference the conversation by id only.
+    The ledger keeps its UsageRecords: they reference the conversation by id only. Another
+    user's conversation is a 404, exactly like a missing one.
     """
 
     serializer_class = ConversationDetailSerializer
+    lookup_field = "id"
     lookup_url_kwarg = "conversation_id"
 
     def get_queryset(self) -> QuerySet[Conversation]:
-        return (
-            Conversation.objects.filter(user_id=_caller(self.request))
-            .annotate(message_count=Count("messages"))
-            .prefetch_related("messages")
-        )
+        conversations = Conversation.objects.filter(user_id=_caller(self.request))
+        if self.request.method != "GET":
+            return conversations
+        return conversations.annotate(message_count=Count("messages")).prefetch_related("messages")
+
+    def get_object(self) -> Conversation:
+        try:
+            conversation_id = uuid.UUID(str(self.kwargs[self.lookup_url_kwarg]))
+        except ValueError:
+            raise not_found("conversation") from None
+        conversation = self.get_queryset().filter(id=conversation_id).first()
+        if conversation is None:
+            raise not_found("conversation")
+        return conversation

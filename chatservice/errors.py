@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponseBase, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
@@ -79,3 +82,19 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     for name, value in error.headers.items():
         response[name] = value
     return response
+
+
+def json_get_only(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
+    """For plain Django views: GET/HEAD only, other methods get 405 in the JSON error shape
+    (never Django's HTML 403 CSRF page or empty 405); no CSRF, since nothing is changed."""
+
+    @functools.wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if request.method not in ("GET", "HEAD"):
+            error = ServiceError("method_not_allowed", f"Method {request.method} is not allowed.", status=405)
+            response = JsonResponse(error.body(), status=405)
+            response["Allow"] = "GET, HEAD"
+            return response
+        return view(request, *args, **kwargs)
+
+    return csrf_exempt(wrapped)

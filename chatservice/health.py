@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
-from django.views.decorators.http import require_GET
 
+from chatservice.errors import ServiceError, json_get_only, not_found
 from providers.catalog import PROVIDERS
 from providers.registry import provider_config
 
 
-@require_GET
+@json_get_only
 def health(request: HttpRequest) -> JsonResponse:
     database = "ok"
     try:
@@ -24,3 +24,14 @@ def health(request: HttpRequest) -> JsonResponse:
         {"status": "ok" if healthy else "degraded", "database": database, "providers": providers},
         status=200 if healthy else 503,
     )
+
+
+def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """Django's 404 in the one JSON error shape (paths no route matches)."""
+    return JsonResponse(not_found().body(), status=404)
+
+
+def json_server_error(request: HttpRequest) -> JsonResponse:
+    """Django's 500 in the one JSON error shape; the details stay in the logs."""
+    error = ServiceError("internal_error", "The request failed unexpectedly.", status=500)
+    return JsonResponse(error.body(), status=500)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import date
 from typing import Any
 
 import orjson
@@ -33,8 +34,17 @@ def redact(text: str) -> str:
     return text
 
 
+# The SDKs and their HTTP clients log request options (the prompt itself), URLs and headers at
+# DEBUG and INFO. Content reaches the logs only through LOG_RESPONSES, whatever LOG_LEVEL says.
+_CLIENT_LIBRARIES = frozenset({"openai", "anthropic", "google_genai", "httpx", "httpx2", "httpcore", "httpcore2"})
+
+
 class RedactSecretsFilter(logging.Filter):
+    """Drops the client libraries' records below WARNING; redacts secrets in message and traceback."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and record.name.partition(".")[0] in _CLIENT_LIBRARIES:
+            return False
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
@@ -45,7 +55,25 @@ class RedactSecretsFilter(logging.Filter):
         return True
 
 
+def _scrubbed(value: Any) -> Any:
+    """`value` with `redact` applied to every string in it (extra fields can hold anything)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {str(k): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_scrubbed(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, date):
+        return value.isoformat()
+    return redact(str(value))
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, extra fields, traceback; every
+    string redacted here too, since a filter only sees the message and the exception."""
+
     def format(self, record: logging.LogRecord) -> str:
         payload: dict[str, Any] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -60,4 +88,4 @@ class JsonFormatter(logging.Formatter):
             payload["exc"] = redact(self.formatException(record.exc_info))
         elif record.exc_text:
             payload["exc"] = record.exc_text
-        return orjson.dumps(payload, default=str).decode()
+        return orjson.dumps(_scrubbed(payload)).decode()

@@ -17,9 +17,9 @@ environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 DEBUG: bool = env.bool("DEBUG", default=False)
 _INSECURE_DEV_KEY = "dev-insecure-key-do-not-use-in-production"
 SECRET_KEY: str = env.str("SECRET_KEY", default=_INSECURE_DEV_KEY if DEBUG else "")
-if not SECRET_KEY or (not DEBUG and (SECRET_KEY == _INSECURE_DEV_KEY or len(SECRET_KEY) < 32)):
+if not SECRET_KEY or (not DEBUG and (SECRET_KEY == _INSECURE_DEV_KEY or len(SECRET_KEY) < 50)):
     raise ImproperlyConfigured(
-        "SECRET_KEY must be set to a random string of at least 32 characters (or set DEBUG=true for local development)."
+        "SECRET_KEY must be set to a random string of at least 50 characters (or set DEBUG=true for local development)."
     )
 ALLOWED_HOSTS: list[str] = [h for h in env.list("ALLOWED_HOSTS", default=[]) if h] or (
     ["localhost", "127.0.0.1", "[::1]", "testserver"] if DEBUG else []
@@ -34,6 +34,12 @@ if not DEBUG:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# security.W008 asks for SECURE_SSL_REDIRECT. The deployment this service is built for terminates
+# TLS in the proxy in front of it (DESIGN.md §6), which redirects plain HTTP there and tells us the
+# scheme in X-Forwarded-Proto (SECURE_PROXY_SSL_HEADER); redirecting again here would only loop on
+# the proxy's health checks. A deployment that faces clients itself sets SECURE_SSL_REDIRECT=true,
+# and then nothing is silenced.
+SILENCED_SYSTEM_CHECKS: list[str] = [] if SECURE_SSL_REDIRECT else ["security.W008"]
 
 INSTALLED_APPS = [
     "daphne",
@@ -54,6 +60,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "chatservice.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -62,6 +69,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "chatservice.urls"
@@ -127,6 +135,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "An LLM gateway: chat, streaming, routing, quotas and a ledger of every token.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Loads chatservice.schema (the API-key auth scheme) before views are read: without it the
+    # schema, and so `check --deploy`, warns that the authentication class is unknown.
+    "PREPROCESSING_HOOKS": ["chatservice.schema.register_extensions"],
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "chatservice.schema.add_chat_endpoints",

@@ -10,6 +10,9 @@ from providers.api import ModelListView
 from providers.views import model_status_view
 from usage.views import UsageView
 
+handler404 = "chatservice.health.json_not_found"
+handler500 = "chatservice.health.json_server_error"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("health", health.health, name="health"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 
 from accounts.authentication import authenticate_meta
 from chatservice.errors import ServiceError
@@ -16,6 +17,7 @@ def _error_response(err: ServiceError) -> JsonResponse:
     return response
 
 
+@csrf_exempt  # API-key auth, no cookie: an unsafe method gets this view's JSON 405, not the CSRF page
 async def model_status_view(request: HttpRequest, model: str) -> JsonResponse:
     """The model's LLMStatus (online, degraded, offline, maintenance) from recent traffic and probes."""
     if request.method not in ("GET", "HEAD"):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from accounts.principal import Principal
 from chatservice.db import db_async
 from chatservice.errors import ServiceError
 from usage.limiter import LimitState, RequestLimiter, limit_hit
+from usage.metrics import observe_limit_refusal
 from usage.quotas import Reservation, token_release, token_reserve
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ async def admit(*, principal: Principal, estimated_tokens: int, limiter: Request
         )
     except _DATABASE_DOWN as exc:
         raise database_unavailable() from exc
+    except ServiceError:
+        _count_refusal(principal, "tokens_per_day")
+        raise
     try:
         state = await limit_hit(principal, limiter=limiter)
     except BaseException:
@@ -69,8 +74,15 @@ async def admit(*, principal: Principal, estimated_tokens: int, limiter: Request
         raise
     if not state.allowed:
         await _release(reservation)
+        _count_refusal(principal, "requests_per_hour")
         raise rate_limit_exceeded(state)
     return Admission(reservation=reservation, limit=state)
+
+
+def _count_refusal(principal: Principal, limit: str) -> None:
+    # Here rather than in each transport: every way in admits through this one function.
+    if settings.ENABLE_METRICS:
+        observe_limit_refusal(principal.plan, limit)
 
 
 async def _release(reservation: Reservation) -> None:

@@ -68,4 +68,5 @@ def observe_outcome(outcome: ChatOutcome) -> None:
 
 
 def observe_limit_refusal(plan: str, limit: str) -> None:
+    """Record one request refused by `limit` (requests_per_hour or tokens_per_day); see usage.admission.admit."""
     llm_limit_refusals_total.labels(plan, limit).inc()

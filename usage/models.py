@@ -50,7 +50,12 @@ class UsageRecord(models.Model):
 
     class Meta:
         indexes = [
-            models.Index(fields=["user", "created_at"], name="usage_user_time"),
+            # Covering: /usage aggregates a user's period with an index-only scan (no heap reads).
+            models.Index(
+                fields=["user", "created_at"],
+                name="usage_user_time_cover",
+                include=["provider", "model", "input_tokens", "output_tokens", "cost"],
+            ),
             models.Index(fields=["provider", "created_at"], name="usage_provider_time"),
         ]
 

@@ -142,8 +142,10 @@ async def test_enterprise_request_waiting_with_free_ones_is_served_first() -> No
     with override_settings(MAX_INFLIGHT_PER_PROVIDER=1):
         tasks = [asyncio.create_task(ask("free-0", FREE))]
         await wait_until(lambda: router.lane.inflight("deepseek") == 1)
+        # Each request reaches the lane before the next is sent: arrival order is what FIFO means.
         for i in range(1, 4):
             tasks.append(asyncio.create_task(ask(f"free-{i}", FREE)))
+            await wait_until(lambda i=i: router.lane.waiting("deepseek") == i)  # type: ignore[misc]
         tasks.append(asyncio.create_task(ask("enterprise", ENTERPRISE)))
         await wait_until(lambda: router.lane.waiting("deepseek") == 4)
         await asyncio.gather(*tasks)

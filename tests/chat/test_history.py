@@ -1,0 +1,141 @@
+"""History over a real socket: the caller's conversations newest first with cursor pages, one
+conversation's messages with each reply's model, tokens and cost, deletion that keeps the ledger,
+and another user's conversations answered 404 in the JSON error shape."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from chat.models import Conversation, Message
+from usage.models import UsageRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def chat(url: str, key: str, body: dict[str, object]) -> dict[str, Any]:
+    response = httpx.post(f"{url}/chat", json=body, headers=auth(key), timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def make_conversations(user, count: int) -> list[Conversation]:
+    """`count` conversations with distinct activity times, newest last."""
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    made = []
+    for n in range(count):
+        conversation = Conversation.objects.create(user=user, title=f"conversation {n}")
+        Message.objects.create(conversation=conversation, role="user", content=f"question {n}")
+        # updated_at is auto_now: set it with an UPDATE to fix the order.
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=base + timedelta(minutes=n))
+        made.append(conversation)
+    return made
+
+
+def test_a_chat_appears_in_history_with_its_messages_tokens_and_cost(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    first = chat(service_url, key, {"message": "Plan   a trip\nto Lisbon [[tokens:4]]", "model": "openai"})
+    second = chat(
+        service_url,
+        key,
+        {"message": "And Porto? [[tokens:3]]", "model": "deepseek", "conversation_id": first["conversation_id"]},
+    )
+
+    listing = httpx.get(f"{service_url}/history", headers=auth(key)).json()
+    assert listing["next"] is None and listing["previous"] is None
+    [row] = listing["results"]
+    assert row["id"] == first["conversation_id"]
+    assert row["title"] == "Plan a trip to Lisbon [[tokens:4]]"  # the first message, whitespace collapsed
+    assert row["message_count"] == 4
+
+    response = httpx.get(f"{service_url}/history/{first['conversation_id']}", headers=auth(key))
+    assert response.status_code == 200
+    detail = response.json()
+    roles = [(m["role"], m["model"]) for m in detail["messages"]]
+    assert roles == [("user", ""), ("assistant", "gpt-4o-mini"), ("user", ""), ("assistant", "deepseek-chat")]
+    for reply, answer in ((detail["messages"][1], first), (detail["messages"][3], second)):
+        record = UsageRecord.objects.get(request_id=answer["request_id"])
+        assert reply["request_id"] == answer["request_id"] and reply["content"] == answer["message"]
+        assert (reply["input_tokens"], reply["output_tokens"]) == (record.input_tokens, record.output_tokens)
+        assert isinstance(reply["cost"], str) and Decimal(reply["cost"]) == record.cost > 0
+        assert reply["provider"] == record.provider and reply["incomplete"] is False
+    assert detail["messages"][1]["output_tokens"] == 4 and detail["messages"][3]["output_tokens"] == 3
+
+
+def test_history_is_newest_first_in_cursor_pages_without_gaps(service_url, make_user) -> None:
+    user, key = make_user("premium")
+    made = make_conversations(user, 7)
+    other, _ = make_user("premium")
+    make_conversations(other, 2)  # never listed for `user`
+
+    seen: list[str] = []
+    url: str | None = f"{service_url}/history?page_size=3"
+    pages = 0
+    while url is not None and pages < 10:
+        page = httpx.get(url, headers=auth(key)).json()
+        assert len(page["results"]) <= 3
+        seen += [row["id"] for row in page["results"]]
+        url = page["next"]
+        pages += 1
+    assert pages == 3
+    assert seen == [str(c.id) for c in reversed(made)]
+
+    second = httpx.get(f"{service_url}/history?page_size=3", headers=auth(key)).json()["next"]
+    back = httpx.get(httpx.get(second, headers=auth(key)).json()["previous"], headers=auth(key)).json()
+    assert [row["id"] for row in back["results"]] == seen[:3]
+
+
+def test_a_new_reply_moves_its_conversation_to_the_top(service_url, sandbox, make_user) -> None:
+    user, key = make_user("premium")
+    older = make_conversations(user, 3)[0]
+    Message.objects.filter(conversation=older).delete()
+    chat(service_url, key, {"message": "back again", "model": "deepseek", "conversation_id": str(older.id)})
+    rows = httpx.get(f"{service_url}/history", headers=auth(key)).json()["results"]
+    assert rows[0]["id"] == str(older.id) and rows[0]["message_count"] == 2
+
+
+def test_delete_removes_the_conversation_and_keeps_the_ledger(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    answer = chat(service_url, key, {"message": "forget me", "model": "deepseek"})
+    conversation_id = answer["conversation_id"]
+
+    response = httpx.delete(f"{service_url}/history/{conversation_id}", headers=auth(key))
+    assert response.status_code == 204
+    assert not Conversation.objects.filter(id=conversation_id).exists()
+    assert not Message.objects.filter(conversation_id=conversation_id).exists()
+    record = UsageRecord.objects.get(request_id=answer["request_id"])
+    assert str(record.conversation_id) == conversation_id and record.cost > 0
+
+    again = httpx.get(f"{service_url}/history/{conversation_id}", headers=auth(key))
+    assert again.status_code == 404 and again.json()["error"]["code"] == "not_found"
+    assert httpx.delete(f"{service_url}/history/{conversation_id}", headers=auth(key)).status_code == 404
+    assert httpx.get(f"{service_url}/history", headers=auth(key)).json()["results"] == []
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_another_users_conversation_is_404_like_a_missing_one(service_url, make_user, method) -> None:
+    owner, _ = make_user("premium")
+    _, intruder_key = make_user("premium")
+    [conversation] = make_conversations(owner, 1)
+    for target in (conversation.id, uuid.uuid4()):
+        response = httpx.request(method, f"{service_url}/history/{target}", headers=auth(intruder_key))
+        assert response.status_code == 404
+        assert response.json() == {
+            "error": {"code": "not_found", "message": "The conversation was not found.", "details": {}}
+        }
+    assert Conversation.objects.filter(id=conversation.id).exists()
+
+
+def test_history_needs_a_key(service_url) -> None:
+    response = httpx.get(f"{service_url}/history")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthenticated"
+    assert httpx.get(f"{service_url}/history/{uuid.uuid4()}").status_code == 401
