@@ -12,6 +12,7 @@ import time
 from typing import Any, Literal
 
 import orjson
+from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chat.events import Done, Failed, Started, Token
@@ -96,6 +97,13 @@ def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
             error.message = f"Unrecognized request argument supplied: {', '.join(unknown)}"
         raise error from None
     messages = tuple(ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in request.messages)
+    if len(messages) > settings.MAX_MESSAGES:
+        raise ServiceError(
+            "invalid_request",
+            f"messages holds at most {settings.MAX_MESSAGES} messages.",
+            status=400,
+            details={"fields": {"messages": f"at most {settings.MAX_MESSAGES} messages"}},
+        )
     users = [m.content for m in messages if m.role == "user"]
     if not users or not any(u.strip() for u in users):
         raise ServiceError(

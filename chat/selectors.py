@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from django.conf import settings
+
 from chat.models import Conversation, Message
 from chatservice.errors import not_found
 from providers.base import ChatMessage
-
-HISTORY_LIMIT = 200
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ def conversation_history(*, user_id: int, conversation_id: uuid.UUID) -> History
     rows = list(
         Message.objects.filter(conversation_id=conversation_id)
         .order_by("-id")
-        .values_list("role", "content")[:HISTORY_LIMIT]
+        .values_list("role", "content")[: settings.MAX_MESSAGES]
     )
     rows.reverse()
     return History(

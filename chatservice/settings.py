@@ -186,6 +186,8 @@ PRIORITY_MAX_WAIT_SECONDS: float = env.float("PRIORITY_MAX_WAIT_SECONDS", defaul
 
 # --- Requests --------------------------------------------------------------------------------
 MAX_MESSAGE_CHARS: int = env.int("MAX_MESSAGE_CHARS", default=100_000)
+# Messages in one prompt: a /v1 request's list, or the history read back from a conversation.
+MAX_MESSAGES: int = env.int("MAX_MESSAGES", default=200)
 MAX_REQUEST_BYTES: int = env.int("MAX_REQUEST_BYTES", default=1_048_576)
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 STREAM_BUFFER_EVENTS: int = env.int("STREAM_BUFFER_EVENTS", default=64)

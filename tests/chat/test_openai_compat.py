@@ -109,3 +109,15 @@ def test_async_sdk_streams_too(service_url, sandbox, make_user) -> None:
             return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
 
     assert len(asyncio.run(run()).split()) == 6
+
+
+def test_message_count_limit(service_url, sandbox, make_user, settings) -> None:
+    settings.MAX_MESSAGES = 3
+    _, key = make_user("premium")
+    turns = [{"role": "user", "content": f"turn {i}"} for i in range(4)]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(service_url, key).chat.completions.create(model="deepseek", messages=turns)  # type: ignore[arg-type]
+    assert refused.value.code == "invalid_request" and "at most 3" in refused.value.message
+    ok = client(service_url, key).chat.completions.create(model="deepseek", messages=turns[:3])  # type: ignore[arg-type]
+    assert ok.choices[0].message.content
+    assert sandbox.calls() and UsageRecord.objects.count() == 1
