@@ -7,9 +7,9 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.test import override_settings
 
+from chatservice.db import db_async
 from providers.base import (
     AllProvidersFailed,
     ContentPolicyError,
@@ -333,7 +333,7 @@ async def test_failure_after_a_delta_is_reraised_without_fallback(scripted: dict
 
 
 async def test_maintenance_is_skipped_by_fallback(scripted: dict[str, ScriptedProvider]) -> None:
-    await sync_to_async(LLMModel.objects.filter(name="claude-haiku-4-5").update)(maintenance=True)
+    await db_async(LLMModel.objects.filter(name="claude-haiku-4-5").update)(maintenance=True)
     catalog_cache.invalidate()
     scripted["openai"].default = fail(ProviderUnavailable, status=503)
     trace = RouteTrace()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.test import override_settings
 
 from accounts.principal import Principal
+from chatservice.db import db_async
 from chatservice.errors import ServiceError
 from providers.catalog import CatalogEntry, acatalog_entries, catalog_cache
 from providers.circuit import get_circuit
@@ -54,7 +54,7 @@ async def select(
 
 
 async def set_maintenance(name: str) -> None:
-    await sync_to_async(LLMModel.objects.filter(name=name).update)(maintenance=True)
+    await db_async(LLMModel.objects.filter(name=name).update)(maintenance=True)
     catalog_cache.invalidate()
 
 

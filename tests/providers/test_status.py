@@ -10,10 +10,10 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
 from django.core.management import call_command
 from django.test import AsyncRequestFactory, override_settings
 
+from chatservice.db import db_async
 from providers.base import ProviderAuthError, ProviderUnavailable
 from providers.catalog import PROVIDERS, acatalog_entries, catalog_cache
 from providers.circuit import SharedRedis, get_circuit
@@ -102,7 +102,7 @@ async def test_open_circuit_is_offline(scripted: dict[str, ScriptedProvider]) ->
 
 
 async def test_maintenance_is_reported(scripted: dict[str, ScriptedProvider]) -> None:
-    await sync_to_async(LLMModel.objects.filter(name="gemini-2.5-pro").update)(maintenance=True)
+    await db_async(LLMModel.objects.filter(name="gemini-2.5-pro").update)(maintenance=True)
     catalog_cache.invalidate()
     assert (await model_status("gemini-2.5-pro"))["status"] == "maintenance"
     assert (await model_status("gemini-2.5-flash"))["status"] == "online"
@@ -141,7 +141,7 @@ async def _get(path_model: str, headers: dict[str, str] | None = None) -> tuple[
 
 
 async def test_endpoint_returns_the_status(make_user: Callable[..., tuple[Any, str]]) -> None:
-    _, key = await sync_to_async(make_user)("free")
+    _, key = await db_async(make_user)("free")
     status, body = await _get("gpt-4o", {"Authorization": f"Bearer {key}"})
     assert status == 200
     assert set(body) == {"provider", "model", "status", "response_time_avg", "error_rate", "last_check"}
@@ -149,7 +149,7 @@ async def test_endpoint_returns_the_status(make_user: Callable[..., tuple[Any, s
 
 
 async def test_endpoint_unknown_model_is_404(make_user: Callable[..., tuple[Any, str]]) -> None:
-    _, key = await sync_to_async(make_user)("premium")
+    _, key = await db_async(make_user)("premium")
     status, body = await _get("gpt-99", {"X-API-Key": key})
     assert status == 404
     assert body["error"]["code"] == "not_found" and body["error"]["details"] == {}
