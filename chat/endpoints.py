@@ -22,10 +22,6 @@ logger = logging.getLogger("chat.endpoints")
 STREAMING_DISABLED = ServiceError("streaming_disabled", "Streaming is disabled on this service.", status=400)
 
 
-def method_not_allowed() -> ServiceError:
-    return ServiceError("method_not_allowed", "Use POST.", status=405, headers={"Allow": "POST"})
-
-
 class ChatEndpoint:
     """ASGI app for `POST /chat` (JSON, or SSE when `"stream": true`) and `POST /chat/stream` (SSE)."""
 
@@ -37,9 +33,7 @@ class ChatEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
         try:
-            if scope["method"] != "POST":
-                raise method_not_allowed()
-            principal = await exchange.authenticate()
+            principal = await exchange.caller("POST")
             chat = parse_chat_request(await exchange.read_body())
             streaming = self.always_stream or chat.stream
             if streaming and not settings.ENABLE_STREAMING:
@@ -76,9 +70,7 @@ class BatchEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
         try:
-            if scope["method"] != "POST":
-                raise method_not_allowed()
-            principal = await exchange.authenticate()
+            principal = await exchange.caller("POST")
             items = _batch_items(await exchange.read_body())
         except ServiceError as error:
             await exchange.send_error(error)

@@ -63,6 +63,12 @@ class Exchange:
             raise unauthenticated("The API key is invalid or revoked.")
         return principal
 
+    async def caller(self, method: str) -> Principal:
+        """The authenticated caller of a `method` request; 405 for another method, 401 without a key."""
+        if self.scope["method"] != method:
+            raise ServiceError("method_not_allowed", f"Use {method}.", status=405, headers={"Allow": method})
+        return await self.authenticate()
+
     async def read_body(self) -> bytes:
         """The request body, refused with 413 as soon as it is known to exceed MAX_REQUEST_BYTES."""
         limit = settings.MAX_REQUEST_BYTES

@@ -144,9 +144,7 @@ class ChatCompletions:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
         try:
-            if scope["method"] != "POST":
-                raise ServiceError("method_not_allowed", "Use POST.", status=405, headers={"Allow": "POST"})
-            principal = await exchange.authenticate()
+            principal = await exchange.caller("POST")
             request, chat, passthrough = _parse(await exchange.read_body())
             prepared = await prepare(
                 principal=principal,
@@ -245,9 +243,7 @@ class ModelList:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
         try:
-            if scope["method"] != "GET":
-                raise ServiceError("method_not_allowed", "Use GET.", status=405, headers={"Allow": "GET"})
-            principal = await exchange.authenticate()
+            principal = await exchange.caller("GET")
         except ServiceError as error:
             await _send_openai_error(exchange, error)
             return
