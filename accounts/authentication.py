@@ -37,8 +37,13 @@ class ApiKeyAuthentication(BaseAuthentication):
 
 
 async def authenticate_meta(meta: dict[str, Any]) -> Principal:
-    """Async views: the caller from request headers, or ServiceError 401."""
-    raw_key = raw_key_from_headers(_lower_headers(meta))
+    """Async Django views: the caller from request headers, or ServiceError 401."""
+    return await authenticate_headers(_lower_headers(meta))
+
+
+async def authenticate_headers(headers: dict[str, str]) -> Principal:
+    """The caller from lower-cased request headers (`authorization` / `x-api-key`), or ServiceError 401."""
+    raw_key = raw_key_from_headers(headers)
     if not raw_key:
         raise unauthenticated()
     principal = await api_key_aauthenticate(raw_key)

@@ -10,7 +10,17 @@ import orjson
 from django.conf import settings
 
 from chat.events import Done, Failed
-from chat.http_transport import Exchange, Receive, Scope, Send, collect, disconnect_guard, json_errors, stream_sse
+from chat.http_transport import (
+    Exchange,
+    Receive,
+    Scope,
+    Send,
+    collect,
+    disconnect_guard,
+    json_errors,
+    run_to_end,
+    stream_sse,
+)
 from chat.pipeline import ChatRun, prepare
 from chat.schemas import ChatRequest, parse_chat_request
 from chatservice.errors import ServiceError
@@ -52,10 +62,8 @@ class ChatEndpoint:
         if streaming:
             await stream_sse(exchange, run, headers)
             return
-        async with disconnect_guard(exchange, [run]):
-            result = await collect(run)
-        await run.wait_settled()
-        if exchange.disconnected.is_set() or result is None:
+        result = await run_to_end(exchange, run)
+        if result is None:
             return
         if isinstance(result, Done):
             await exchange.send_json(200, result.response, headers)

@@ -19,11 +19,11 @@ from typing import Any
 import orjson
 from django.conf import settings
 
+from accounts.authentication import authenticate_headers
 from accounts.principal import Principal
-from accounts.selectors import api_key_aauthenticate, raw_key_from_headers
 from chat.events import Done, Failed, sse_frame
 from chat.pipeline import ChatRun
-from chatservice.errors import ServiceError, unauthenticated
+from chatservice.errors import ServiceError
 from chatservice.request_ids import request_id_from
 
 Scope = dict[str, Any]
@@ -54,20 +54,11 @@ class Exchange:
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}
         self.request_id = request_id_from(self.headers.get("x-request-id"))
 
-    async def authenticate(self) -> Principal:
-        raw_key = raw_key_from_headers(self.headers)
-        if not raw_key:
-            raise unauthenticated()
-        principal = await api_key_aauthenticate(raw_key)
-        if principal is None:
-            raise unauthenticated("The API key is invalid or revoked.")
-        return principal
-
     async def caller(self, method: str) -> Principal:
         """The authenticated caller of a `method` request; 405 for another method, 401 without a key."""
         if self.scope["method"] != method:
             raise ServiceError("method_not_allowed", f"Use {method}.", status=405, headers={"Allow": method})
-        return await self.authenticate()
+        return await authenticate_headers(self.headers)
 
     async def read_body(self) -> bytes:
         """The request body, refused with 413 as soon as it is known to exceed MAX_REQUEST_BYTES."""
@@ -165,6 +156,14 @@ async def collect(run: ChatRun) -> Done | Failed | None:
         if isinstance(event, Done | Failed):
             return event
     return None
+
+
+async def run_to_end(exchange: Exchange, run: ChatRun) -> Done | Failed | None:
+    """A non-streaming answer: the run's terminal event once it is settled, None if the client left."""
+    async with disconnect_guard(exchange, [run]):
+        result = await collect(run)
+    await run.wait_settled()
+    return None if exchange.disconnected.is_set() else result
 
 
 def json_errors(handler: Callable[[Any, Scope, Receive, Send], Awaitable[None]]) -> Callable[..., Awaitable[None]]:

@@ -16,7 +16,7 @@ from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chat.events import Done, Failed, Started, Token
-from chat.http_transport import Exchange, Receive, Scope, Send, collect, disconnect_guard, json_errors
+from chat.http_transport import Exchange, Receive, Scope, Send, disconnect_guard, json_errors, run_to_end
 from chat.pipeline import ChatRun, Passthrough, prepare
 from chat.schemas import ChatRequest, parse_chat_request, validation_error
 from chatservice.errors import ServiceError
@@ -164,10 +164,8 @@ class ChatCompletions:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             await self._stream(exchange, run, headers, request.model, include_usage)
             return
-        async with disconnect_guard(exchange, [run]):
-            result = await collect(run)
-        await run.wait_settled()
-        if exchange.disconnected.is_set() or result is None:
+        result = await run_to_end(exchange, run)
+        if result is None:
             return
         if isinstance(result, Failed):
             await _send_openai_error(exchange, result.error, headers)

@@ -16,7 +16,6 @@ _MESSAGE_FRAMING = 4
 class Prompt:
     messages: tuple[ChatMessage, ...]
     tokens: int
-    exact: bool
 
 
 def build_prompt(
@@ -42,7 +41,7 @@ def build_prompt(
         kept.append(message)
         used += cost
     kept.reverse()
-    return Prompt(messages=head + tuple(kept) + tail, tokens=used, exact=base.exact)
+    return Prompt(messages=head + tuple(kept) + tail, tokens=used)
 
 
 def exact_prompt(*, messages: tuple[ChatMessage, ...], entry: CatalogEntry, max_tokens: int) -> Prompt:
@@ -50,7 +49,7 @@ def exact_prompt(*, messages: tuple[ChatMessage, ...], entry: CatalogEntry, max_
     count = count_messages(messages, entry.upstream_model)
     if count.tokens + max_tokens > entry.context_window:
         raise _too_long(count.tokens, max_tokens, entry)
-    return Prompt(messages=messages, tokens=count.tokens, exact=count.exact)
+    return Prompt(messages=messages, tokens=count.tokens)
 
 
 def _too_long(prompt_tokens: int, max_tokens: int, entry: CatalogEntry) -> ServiceError:
