@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from chat.models import Conversation, Message
@@ -55,39 +57,101 @@ class ChatOutcome:
 def usage_settle(*, outcome: ChatOutcome) -> UsageRecord:
     """Write the request's UsageRecord, settle its token reservation to the actual usage, and
     keep the exchange in its conversation (only when the provider produced text) — one transaction.
+
+    On Postgres the record and the settlement are one statement; with nothing to keep in a
+    conversation (the /v1 API, a failed request) that statement is the whole write.
     """
+    record = _usage_record(outcome)
+    keep = bool(outcome.reply) and outcome.conversation_id is not None
+    if outcome.reservation is not None and _settles_in_one_statement():
+        with transaction.atomic() if keep else contextlib.nullcontext():
+            _record_and_settle(record, outcome.reservation, outcome.input_tokens + outcome.output_tokens)
+            if keep:
+                _conversation_append(outcome)
+        return record
     with transaction.atomic():
         if outcome.reservation is not None:
             token_settle(reservation=outcome.reservation, actual_tokens=outcome.input_tokens + outcome.output_tokens)
-        record = UsageRecord.objects.create(
-            request_id=outcome.request_id,
-            created_at=outcome.created_at,
-            user_id=outcome.user_id,
-            api_key_id=outcome.api_key_id,
-            plan=outcome.plan,
-            conversation_id=outcome.conversation_id,
-            transport=outcome.transport,
-            provider=outcome.provider,
-            model=outcome.model,
-            input_tokens=outcome.input_tokens,
-            cached_input_tokens=outcome.cached_input_tokens,
-            output_tokens=outcome.output_tokens,
-            cost=outcome.cost,
-            input_price=outcome.input_price,
-            cached_input_price=outcome.cached_input_price,
-            output_price=outcome.output_price,
-            latency_ms=outcome.latency_ms,
-            time_to_first_token_ms=outcome.time_to_first_token_ms,
-            status=outcome.status,
-            usage_source=outcome.usage_source,
-            fallback_path=outcome.fallback_path,
-            attempts=outcome.attempts,
-            error_code=outcome.error_code,
-            flagged=outcome.flagged,
-        )
-        if outcome.reply and outcome.conversation_id is not None:
+        record.save(force_insert=True)
+        if keep:
             _conversation_append(outcome)
     return record
+
+
+def _settles_in_one_statement() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def _usage_record(outcome: ChatOutcome) -> UsageRecord:
+    return UsageRecord(
+        request_id=outcome.request_id,
+        created_at=outcome.created_at,
+        user_id=outcome.user_id,
+        api_key_id=outcome.api_key_id,
+        plan=outcome.plan,
+        conversation_id=outcome.conversation_id,
+        transport=outcome.transport,
+        provider=outcome.provider,
+        model=outcome.model,
+        input_tokens=outcome.input_tokens,
+        cached_input_tokens=outcome.cached_input_tokens,
+        output_tokens=outcome.output_tokens,
+        cost=outcome.cost,
+        input_price=outcome.input_price,
+        cached_input_price=outcome.cached_input_price,
+        output_price=outcome.output_price,
+        latency_ms=outcome.latency_ms,
+        time_to_first_token_ms=outcome.time_to_first_token_ms,
+        status=outcome.status,
+        usage_source=outcome.usage_source,
+        fallback_path=outcome.fallback_path,
+        attempts=outcome.attempts,
+        error_code=outcome.error_code,
+        flagged=outcome.flagged,
+    )
+
+
+# The reservation deleted, the day's row settled (created if an operator deleted it) and the
+# record inserted in ONE statement: atomic on its own, one round trip. Every data-modifying
+# CTE runs to completion whether or not the main statement reads it.
+_SETTLE_SQL = """
+WITH held AS (
+    DELETE FROM usage_tokenreservation WHERE id = %(reservation_id)s RETURNING tokens
+), day_row AS (
+    INSERT INTO usage_dailytokenusage (user_id, day, used, reserved)
+    VALUES (%(user_id)s, %(day)s, %(actual)s, 0)
+    ON CONFLICT (user_id, day) DO UPDATE
+        SET used = usage_dailytokenusage.used + EXCLUDED.used,
+            reserved = usage_dailytokenusage.reserved - COALESCE((SELECT SUM(tokens) FROM held), 0)
+)
+INSERT INTO {table} ({columns}) VALUES ({values}) RETURNING {pk}
+"""
+
+
+def _record_and_settle(record: UsageRecord, reservation: Reservation, actual_tokens: int) -> None:
+    if actual_tokens < 0:
+        raise ValueError("actual_tokens must be >= 0")
+    fields = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
+    names = [f"f{i}" for i in range(len(fields))]
+    sql = _SETTLE_SQL.format(
+        table=connection.ops.quote_name(UsageRecord._meta.db_table),
+        columns=", ".join(connection.ops.quote_name(str(f.column)) for f in fields),
+        values=", ".join(f"%({name})s" for name in names),
+        pk=connection.ops.quote_name(str(UsageRecord._meta.pk.column)),
+    )
+    params: dict[str, Any] = {
+        "reservation_id": reservation.id,
+        "user_id": reservation.user_id,
+        "day": reservation.day,
+        "actual": actual_tokens,
+    }
+    for name, f in zip(names, fields, strict=True):
+        params[name] = f.get_db_prep_save(f.pre_save(record, add=True), connection)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        (record.pk,) = cursor.fetchone()
+    record._state.adding = False
+    record._state.db = connection.alias
 
 
 def _conversation_append(outcome: ChatOutcome) -> None:

@@ -1,0 +1,151 @@
+"""`usage_settle`, the one ledger write: the record, the settled reservation and the conversation, all or nothing.
+
+On Postgres the record and the settlement are one statement; these tests read the rows back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.db import IntegrityError
+
+from accounts.services import user_get_or_create
+from chat.models import Conversation, Message
+from usage.models import DailyTokenUsage, TokenReservation, UsageRecord
+from usage.quotas import Reservation, reservations_reap, token_reserve
+from usage.services import ChatOutcome, usage_settle
+
+NOON = datetime(2031, 3, 14, 12, 0, tzinfo=UTC)
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(params=["one statement", "statement by statement"])
+def user_id(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Each test runs on both write paths: Postgres' single statement and the portable one (SQLite)."""
+    if request.param != "one statement":
+        monkeypatch.setattr("usage.services._settles_in_one_statement", lambda: False)
+    user, _ = user_get_or_create(username="ledger-user", plan_name="premium")
+    return user.pk
+
+
+def _outcome(user_id: int, reservation: Reservation | None, **changes: object) -> ChatOutcome:
+    outcome = ChatOutcome(
+        request_id=uuid.uuid4(),
+        created_at=NOON,
+        user_id=user_id,
+        api_key_id=None,
+        plan="premium",
+        transport="v1",
+        conversation_id=None,
+        new_conversation=False,
+        user_message="hello",
+        system_prompt="",
+        reply="hi there",
+        provider="openai",
+        model="gpt-4o-mini",
+        input_tokens=12,
+        cached_input_tokens=4,
+        output_tokens=30,
+        cost=Decimal("0.000123456789"),
+        input_price=Decimal("0.150000"),
+        cached_input_price=Decimal("0.075000"),
+        output_price=Decimal("0.600000"),
+        latency_ms=321,
+        time_to_first_token_ms=45,
+        status="ok",
+        usage_source="provider",
+        fallback_path=["deepseek", "openai"],
+        attempts=2,
+        error_code="",
+        flagged=True,
+        reservation=reservation,
+    )
+    return dataclasses.replace(outcome, **changes)  # type: ignore[arg-type]
+
+
+def _row(user_id: int) -> tuple[int, int]:
+    row = DailyTokenUsage.objects.filter(user_id=user_id, day=NOON.date()).first()
+    return (row.used, row.reserved) if row else (0, 0)
+
+
+def test_the_record_holds_every_field_and_the_reservation_becomes_usage(user_id: int) -> None:
+    other = token_reserve(user_id=user_id, limit=10_000, tokens=500, now=NOON)
+    mine = token_reserve(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    outcome = _outcome(user_id, mine)
+
+    returned = usage_settle(outcome=outcome)
+
+    assert _row(user_id) == (42, 500)  # 12 + 30 used; only the other request's tokens stay reserved
+    assert list(TokenReservation.objects.filter(user_id=user_id).values_list("id", flat=True)) == [other.id]
+    stored = UsageRecord.objects.get(request_id=outcome.request_id)
+    assert returned.pk == stored.pk
+    expected = {
+        f.name: getattr(outcome, f.name)
+        for f in dataclasses.fields(ChatOutcome)
+        if f.name not in {"new_conversation", "user_message", "system_prompt", "reply", "reservation"}
+    }
+    actual = {name: getattr(stored, name if name not in {"user", "api_key"} else f"{name}_id") for name in expected}
+    assert actual == expected
+
+
+def test_a_reaped_reservation_only_adds_usage(user_id: int) -> None:
+    reservation = token_reserve(user_id=user_id, limit=10_000, tokens=300, now=NOON)
+    assert reservations_reap(now=NOON + timedelta(days=1)) == 1
+    kept = token_reserve(user_id=user_id, limit=10_000, tokens=70, now=NOON)
+
+    usage_settle(outcome=_outcome(user_id, reservation, input_tokens=100, output_tokens=180))
+
+    assert _row(user_id) == (280, 70)  # the other reservation is untouched
+    assert TokenReservation.objects.filter(id=kept.id).exists()
+
+
+def test_a_deleted_day_row_is_recreated_with_the_usage(user_id: int) -> None:
+    reservation = token_reserve(user_id=user_id, limit=10_000, tokens=300, now=NOON)
+    DailyTokenUsage.objects.filter(user_id=user_id).delete()  # an operator cleared it
+
+    usage_settle(outcome=_outcome(user_id, reservation))
+
+    assert _row(user_id) == (42, 0)
+    assert UsageRecord.objects.filter(user_id=user_id).count() == 1
+
+
+def test_a_failed_request_without_a_reservation_is_still_recorded(user_id: int) -> None:
+    outcome = _outcome(user_id, None, reply="", input_tokens=0, output_tokens=0, status="failed", error_code="x")
+    usage_settle(outcome=outcome)
+    assert UsageRecord.objects.get(request_id=outcome.request_id).status == "failed"
+    assert _row(user_id) == (0, 0)
+
+
+def test_the_conversation_is_kept_in_the_same_write(user_id: int) -> None:
+    reservation = token_reserve(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    conversation_id = uuid.uuid4()
+    outcome = _outcome(user_id, reservation, transport="rest", conversation_id=conversation_id, new_conversation=True)
+
+    usage_settle(outcome=outcome)
+
+    assert Conversation.objects.get(id=conversation_id).user_id == user_id
+    messages = Message.objects.filter(conversation_id=conversation_id).order_by("role")
+    assert [(m.role, m.content) for m in messages] == [("assistant", "hi there"), ("user", "hello")]
+    assert _row(user_id) == (42, 0)
+
+
+def test_nothing_is_half_written_when_the_conversation_write_fails(user_id: int) -> None:
+    first = token_reserve(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    conversation_id = uuid.uuid4()
+    usage_settle(
+        outcome=_outcome(user_id, first, transport="rest", conversation_id=conversation_id, new_conversation=True)
+    )
+    second = token_reserve(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    # Creating the same conversation again violates its primary key: the whole write must roll back.
+    clash = _outcome(user_id, second, transport="rest", conversation_id=conversation_id, new_conversation=True)
+
+    with pytest.raises(IntegrityError):
+        usage_settle(outcome=clash)
+
+    assert not UsageRecord.objects.filter(request_id=clash.request_id).exists()
+    assert TokenReservation.objects.filter(id=second.id).exists()
+    assert _row(user_id) == (42, 100)
