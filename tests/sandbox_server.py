@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
-from typing import Any
+import traceback
+from typing import Any, TextIO
 
 import uvicorn
 
@@ -36,6 +38,20 @@ class BackgroundServer:
     def tasks(self, prefix: str) -> list[asyncio.Task[object]]:
         """The server loop's live tasks whose name starts with `prefix` (for leak checks)."""
         return [t for t in asyncio.all_tasks(self.loop) if t.get_name().startswith(prefix) and not t.done()]
+
+    def dump_stacks(self, out: TextIO = sys.stderr) -> None:
+        """Every thread's stack and every task of the server's loop, for a request that stalled."""
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            out.write(f"thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame, limit=25))}")
+        loop = self.loop
+        if loop is None:
+            return
+        for task in list(asyncio.all_tasks(loop)):
+            out.write(f"task {task.get_name()}:\n")
+            for frame in task.get_stack(limit=25):
+                out.write(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n")
+        out.flush()
 
     @property
     def url(self) -> str:

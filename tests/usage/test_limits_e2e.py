@@ -103,8 +103,15 @@ async def _burst(requests: list[tuple[str, str]], body: dict[str, Any]) -> list[
         return list(await asyncio.gather(*tasks))
 
 
-def burst(requests: list[tuple[str, str]], body: dict[str, Any] = CHAT) -> list[httpx.Response]:
-    return asyncio.run(_burst(requests, body))
+def burst(
+    requests: list[tuple[str, str]], body: dict[str, Any] = CHAT, *, server: BackgroundServer | None = None
+) -> list[httpx.Response]:
+    try:
+        return asyncio.run(_burst(requests, body))
+    except httpx.TimeoutException:
+        if server is not None:  # a request stalled: show where the in-process server is waiting
+            server.dump_stacks()
+        raise
 
 
 def seconds_to_utc_midnight(at: float) -> int:
@@ -163,8 +170,13 @@ def quota_sampler() -> Iterator[QuotaSampler]:
     thread.join(30)
 
 
+@pytest.mark.timeout(300)  # 2,000 requests through the in-process server
 def test_a_burst_of_100_admits_exactly_what_the_daily_quota_holds(
-    service_url: str, sandbox: SandboxState, make_user: Callable[..., tuple[Any, str]], quota_sampler: QuotaSampler
+    service_url: str,
+    service_server: BackgroundServer,
+    sandbox: SandboxState,
+    make_user: Callable[..., tuple[Any, str]],
+    quota_sampler: QuotaSampler,
 ) -> None:
     admitted_total = 0
     for number, fits in enumerate(ROUND_FITS):
@@ -173,7 +185,7 @@ def test_a_burst_of_100_admits_exactly_what_the_daily_quota_holds(
         quota_sampler.watch(user.pk, limit)
         usage(service_url, key)  # the key is verified once and cached, as for any client that keeps calling
         before = time.time()
-        responses = burst([(service_url, key)] * BURST)
+        responses = burst([(service_url, key)] * BURST, server=service_server)
         after = time.time()
 
         statuses = Counter(r.status_code for r in responses)
