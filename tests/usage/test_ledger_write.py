@@ -133,6 +133,7 @@ def test_the_conversation_is_kept_in_the_same_write(user_id: int) -> None:
     assert _row(user_id) == (42, 0)
 
 
+@pytest.mark.django_db(transaction=True)  # autocommit, as the service runs: the failed write is all that rolls back
 def test_nothing_is_half_written_when_the_conversation_write_fails(user_id: int) -> None:
     first = token_reserve(user_id=user_id, limit=10_000, tokens=100, now=NOON)
     conversation_id = uuid.uuid4()
@@ -149,3 +150,25 @@ def test_nothing_is_half_written_when_the_conversation_write_fails(user_id: int)
     assert not UsageRecord.objects.filter(request_id=clash.request_id).exists()
     assert TokenReservation.objects.filter(id=second.id).exists()
     assert _row(user_id) == (42, 100)
+
+
+def test_a_follow_up_touches_its_conversation_and_adds_two_messages(user_id: int) -> None:
+    conversation_id = uuid.uuid4()
+    first = token_reserve(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    usage_settle(
+        outcome=_outcome(user_id, first, transport="rest", conversation_id=conversation_id, new_conversation=True)
+    )
+    before = Conversation.objects.get(id=conversation_id).updated_at
+    second = token_reserve(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+
+    usage_settle(
+        outcome=_outcome(
+            user_id, second, transport="rest", conversation_id=conversation_id, user_message="again", reply="sure"
+        )
+    )
+
+    conversation = Conversation.objects.get(id=conversation_id)
+    assert conversation.updated_at > before and conversation.title == "hello"
+    contents = list(Message.objects.filter(conversation_id=conversation_id).values_list("role", "content"))
+    assert contents == [("user", "hello"), ("assistant", "hi there"), ("user", "again"), ("assistant", "sure")]
+    assert _row(user_id) == (84, 0)
