@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import IntegrityError, InterfaceError, OperationalError
 
 from accounts.principal import Principal
 from chat.errors import error_for_provider_failure
@@ -371,9 +372,28 @@ def _billable_usage(
     return Usage(input_tokens=prompt_tokens, output_tokens=counted, cached_input_tokens=0, source="estimated")
 
 
+async def _write_ledger(outcome: ChatOutcome) -> UsageRecord:
+    """`usage_settle`, once more on a fresh connection if the pooled one broke (a database restart).
+
+    The write is one statement or one transaction, so a failed try left nothing; if the
+    connection broke after the commit, the retry meets the record's unique request_id.
+    """
+    try:
+        return await db_async(usage_settle)(outcome=outcome)
+    except (OperationalError, InterfaceError) as exc:
+        logger.warning("the ledger write failed (%s); retrying on a fresh connection", exc)
+    try:
+        return await db_async(usage_settle)(outcome=outcome)
+    except IntegrityError:
+        existing = await db_async(UsageRecord.objects.filter(request_id=outcome.request_id).first)()
+        if existing is None:
+            raise
+        return existing
+
+
 async def _settle(outcome: ChatOutcome) -> UsageRecord | None:
     try:
-        record = await db_async(usage_settle)(outcome=outcome)
+        record = await _write_ledger(outcome)
     except Exception:
         logger.exception("could not write the usage record", extra={"request_id": str(outcome.request_id)})
         return None
