@@ -226,6 +226,9 @@ class ChatRun:
                 self.cancel()
 
     async def _put(self, event: ChatEvent) -> None:
+        if not self._queue.full():  # the usual case: no timer and no task for an event that fits
+            self._queue.put_nowait(event)
+            return
         try:
             await asyncio.wait_for(self._queue.put(event), timeout=settings.SLOW_CLIENT_TIMEOUT_SECONDS)
         except TimeoutError:
