@@ -12,9 +12,11 @@ talks about attacks (a discussion-cue rule matches too) is flagged instead of bl
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,12 +52,19 @@ class CompiledRule:
 
     @classmethod
     def build(cls, *, id: int, name: str, pattern: str) -> CompiledRule:
-        return cls(id=id, name=name, regex=compile_pattern(pattern), needles=required_substrings(pattern))
+        """The compiled rule; memoized, since analysing a pattern costs milliseconds and rules rarely change."""
+        regex, needles = _analysed(pattern)
+        return cls(id=id, name=name, regex=regex, needles=needles)
 
     def search(self, text: str) -> re.Match[str] | None:
         if self.needles is not None and not any(needle in text for needle in self.needles):
             return None
         return self.regex.search(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _analysed(pattern: str) -> tuple[re.Pattern[str], tuple[str, ...] | None]:
+    return compile_pattern(pattern), required_substrings(pattern)
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,11 @@ def rule_set_load() -> RuleSet:
 
 
 class RuleCache:
-    """The compiled rules, re-read (by `loader`, sync ORM) when older than `ttl` seconds."""
+    """The compiled rules, re-read (by `loader`, sync ORM) when older than `ttl` seconds.
+
+    One reload at a time: while it runs, the rules in hand keep serving (requests do not pile
+    up behind it, nor reload in parallel); only the very first load is waited for.
+    """
 
     def __init__(
         self,
@@ -180,6 +193,7 @@ class RuleCache:
         self.loader = loader or rule_set_load
         self._rules: RuleSet | None = None
         self._loaded_at = 0.0
+        self._reload = threading.Lock()
 
     def fresh(self) -> RuleSet | None:
         """The cached rules when still fresh, else None (no I/O)."""
@@ -187,17 +201,37 @@ class RuleCache:
             return self._rules
         return None
 
+    @property
+    def reloading(self) -> bool:
+        return self._reload.locked()
+
+    def stale(self) -> RuleSet | None:
+        """The rules in hand however old (None before the first load)."""
+        return self._rules
+
     def load(self) -> RuleSet:
-        """Re-read the rules. If that fails, the last rules serve another period (and the error is logged)."""
+        """Re-read the rules. If that fails, the last rules serve another period (and the error is logged).
+
+        When another thread is already reloading, return the rules in hand at once (or, before
+        the first load, wait for that reload).
+        """
+        in_hand = self._rules
+        if not self._reload.acquire(blocking=in_hand is None):
+            return in_hand  # type: ignore[return-value]  # acquire only fails when not blocking
         try:
-            rules = self.loader()
-        except Exception:
-            if self._rules is None:
-                raise
-            logger.exception("reloading content rules failed; keeping the previous rules")
-            rules = self._rules
-        self._rules, self._loaded_at = rules, self.clock()
-        return rules
+            if in_hand is None and (fresh := self.fresh()) is not None:
+                return fresh  # the reload we waited for
+            try:
+                rules = self.loader()
+            except Exception:
+                if self._rules is None:
+                    raise
+                logger.exception("reloading content rules failed; keeping the previous rules")
+                rules = self._rules
+            self._rules, self._loaded_at = rules, self.clock()
+            return rules
+        finally:
+            self._reload.release()
 
     def invalidate(self) -> None:
         self._rules = None
@@ -210,7 +244,8 @@ async def screen(text: str) -> Verdict:
     """Block (raise ServiceError 400 `content_blocked`) or flag a message by the ContentRule table."""
     rules = rule_cache.fresh()
     if rules is None:
-        rules = await db_async(rule_cache.load)()
+        in_hand = rule_cache.stale()
+        rules = in_hand if in_hand is not None and rule_cache.reloading else await db_async(rule_cache.load)()
     decision = evaluate(text, rules)
     if decision.blocked:
         logger.info("message blocked by content rule %s", decision.rule_id)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+import threading
+import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -365,6 +367,74 @@ def test_a_failing_reload_keeps_the_previous_rules() -> None:
     assert cache.fresh() is SEEDED  # served another period before retrying
     with pytest.raises(RuntimeError):
         RuleCache(loader=lambda: flaky_loader()).load()  # nothing to fall back on
+
+
+def test_a_reload_reuses_the_analysis_of_unchanged_patterns(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chat.filtering as filtering
+
+    analysed: list[str] = []
+    original = filtering.required_substrings
+
+    def counting(pattern: str) -> tuple[str, ...] | None:
+        analysed.append(pattern)
+        return original(pattern)
+
+    monkeypatch.setattr(filtering, "required_substrings", counting)
+    filtering._analysed.cache_clear()
+    first = seed_rules()
+    second = seed_rules()
+    # Each distinct pattern is analysed once, not once a load, and the second load's rules are the same.
+    assert sorted(analysed) == sorted({pattern for _, _, pattern, _ in SEED.RULES})
+    assert second == first
+
+
+def test_one_reload_at_a_time_while_the_rules_in_hand_keep_serving() -> None:
+    now = [0.0]
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow_loader() -> RuleSet:
+        calls.append(1)
+        if len(calls) > 1:
+            assert release.wait(10)
+        return SEEDED
+
+    cache = RuleCache(ttl=1.0, clock=lambda: now[0], loader=slow_loader)
+    in_hand = cache.load()
+    now[0] = 5.0  # stale: the next request reloads
+    reloader = threading.Thread(target=cache.load)
+    reloader.start()
+    deadline = time.monotonic() + 5
+    while not cache.reloading and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert cache.reloading
+    others = [cache.load() for _ in range(20)]  # none waits, none reloads
+    assert all(rules is in_hand for rules in others) and len(calls) == 2
+    release.set()
+    reloader.join(5)
+    assert not cache.reloading and cache.fresh() is SEEDED and len(calls) == 2
+
+
+def test_the_first_load_is_done_once_however_many_wait_for_it() -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def slow_loader() -> RuleSet:
+        calls.append(1)
+        assert gate.wait(10)
+        return SEEDED
+
+    cache = RuleCache(ttl=60.0, loader=slow_loader)
+    results: list[RuleSet] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.load())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert len(results) == 8 and all(rules is SEEDED for rules in results)
+    assert len(calls) == 1
 
 
 # --- admin --------------------------------------------------------------------------------------
