@@ -29,8 +29,10 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from accounts.principal import Principal
@@ -43,6 +45,38 @@ WINDOW_SECONDS = 3600
 PROBE_INTERVAL_SECONDS = 5.0  # while Redis is down, how often a request tries it again
 _REDIS_ERRORS = (RedisError, OSError)
 _SWEEP_EVERY = 1000  # in-process windows: drop idle users' windows every this many hits
+
+
+# `limits`' acquire_moving_window.lua (amount 1) followed by its moving_window.lua, in one script.
+# KEYS[1] the window; ARGV: now, limit, expiry. Returns {acquired 0|1, oldest counted timestamp, count}.
+_ACQUIRE_AND_WINDOW = """
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local expiry = tonumber(ARGV[3])
+local acquired = 0
+local entry = redis.call('lindex', KEYS[1], limit - 1)
+if not (entry and tonumber(entry) >= now - expiry) then
+    redis.call('lpush', KEYS[1], ARGV[1])
+    redis.call('ltrim', KEYS[1], 0, limit - 1)
+    redis.call('expire', KEYS[1], expiry)
+    acquired = 1
+end
+local low, high, found = 0, limit - 1, nil
+while low <= high do
+    local mid = math.floor((low + high) / 2)
+    local value = tonumber(redis.call('lindex', KEYS[1], mid))
+    if value and value >= now - expiry then
+        found = mid
+        low = mid + 1
+    else
+        high = mid - 1
+    end
+end
+if found then
+    return {acquired, redis.call('lindex', KEYS[1], found), found + 1}
+end
+return {acquired, '0', 0}
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +132,12 @@ class _ClockedMemoryStorage(MemoryStorage):
                 self._sweep(now, expiry)
         return True
 
+    async def acquire_and_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
+        """Count one request if the window has room, then read the window: (acquired, oldest, count)."""
+        acquired = await self.acquire_entry(key, limit, expiry)
+        oldest, count = await self.get_moving_window(key, limit, expiry)
+        return acquired, oldest, count
+
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = self.clock()
         with self._lock:
@@ -133,6 +173,7 @@ class _ClockedRedisStorage(RedisStorage):
         }
         super().__init__(uri, implementation="redispy", key_prefix=key_prefix, **options)
         self.clock = clock
+        self._acquire_and_window: AsyncScript | None = None
 
     @property
     def _redispy(self) -> RedispyBridge:
@@ -152,6 +193,17 @@ class _ClockedRedisStorage(RedisStorage):
         if window:
             return float(window[0]), int(window[1])
         return now, 0
+
+    async def acquire_and_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
+        """`acquire_entry` then `get_moving_window` in one script: one round trip per request."""
+        bridge = self._redispy
+        script = self._acquire_and_window
+        if script is None:
+            client = cast(Redis, bridge.get_connection())
+            script = self._acquire_and_window = client.register_script(_ACQUIRE_AND_WINDOW)
+        now = self.clock()
+        acquired, oldest, count = await script([bridge.prefixed_key(key)], [now, limit, expiry])
+        return bool(acquired), float(oldest) if int(count) else now, int(count)
 
     async def aclose(self) -> None:
         await self._redispy.storage.aclose()
@@ -211,8 +263,11 @@ class RequestLimiter:
         item = _UserWindow(limit, self.window_seconds, namespace="requests")
 
         async def on(strategy: MovingWindowRateLimiter) -> LimitState:
-            allowed = await strategy.hit(item, "user", str(user_id))
-            return await self._state(strategy, item, user_id, allowed=allowed)
+            storage = cast(_ClockedMemoryStorage | _ClockedRedisStorage, strategy.storage)
+            allowed, oldest, count = await storage.acquire_and_window(
+                item.key_for("user", str(user_id)), item.amount, item.get_expiry()
+            )
+            return self._limit_state(item, oldest + item.get_expiry(), count, allowed=allowed)
 
         return await self._run(on)
 
@@ -250,11 +305,14 @@ class RequestLimiter:
         self, strategy: MovingWindowRateLimiter, item: _UserWindow, user_id: int, *, allowed: bool | None
     ) -> LimitState:
         stats = await strategy.get_window_stats(item, "user", str(user_id))
+        return self._limit_state(item, stats.reset_time, item.amount - stats.remaining, allowed=allowed)
+
+    def _limit_state(self, item: _UserWindow, reset_time: float, count: int, *, allowed: bool | None) -> LimitState:
+        """The state of a window holding `count` requests whose oldest leaves it at `reset_time`."""
         limit = item.amount
-        remaining = max(0, min(limit, stats.remaining))
+        remaining = max(0, min(limit, limit - count))
         used = limit - remaining
-        # stats.reset_time is when the oldest counted request leaves the window.
-        reset = _whole_seconds_after(stats.reset_time, self.clock()) if used else 0
+        reset = _whole_seconds_after(reset_time, self.clock()) if used else 0
         return LimitState(
             limit=limit,
             used=used,
