@@ -382,16 +382,28 @@ async def _write_ledger(outcome: ChatOutcome) -> UsageRecord:
     connection broke after the commit, the retry meets the record's unique request_id.
     """
     try:
-        return await db_async(usage_settle)(outcome=outcome)
+        return await _write_ledger_once(outcome)
     except (OperationalError, InterfaceError) as exc:
         logger.warning("the ledger write failed (%s); retrying on a fresh connection", exc)
+    return await _write_ledger_once(outcome)
+
+
+async def _write_ledger_once(outcome: ChatOutcome) -> UsageRecord:
     try:
         return await db_async(usage_settle)(outcome=outcome)
     except IntegrityError:
         existing = await db_async(UsageRecord.objects.filter(request_id=outcome.request_id).first)()
-        if existing is None:
+        if existing is not None:
+            return existing  # an earlier try committed before its connection broke
+        if not (outcome.reply and outcome.conversation_id):
             raise
-        return existing
+    # The conversation was deleted while the reply was generated: the usage is still owed.
+    logger.warning(
+        "conversation %s is gone; the usage is recorded without the exchange",
+        outcome.conversation_id,
+        extra={"request_id": str(outcome.request_id)},
+    )
+    return await db_async(usage_settle)(outcome=outcome, keep_exchange=False)
 
 
 async def _settle(outcome: ChatOutcome) -> UsageRecord | None:

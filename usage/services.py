@@ -54,14 +54,16 @@ class ChatOutcome:
     reservation: Reservation | None = None
 
 
-def usage_settle(*, outcome: ChatOutcome) -> UsageRecord:
+def usage_settle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRecord:
     """Write the request's UsageRecord, settle its token reservation to the actual usage, and
-    keep the exchange in its conversation (only when the provider produced text) — all or nothing.
+    keep the exchange in its conversation (only when the provider produced text and
+    `keep_exchange`) — all or nothing.
 
     On Postgres this is one statement (`usage.ledger_statement`); elsewhere one transaction.
     """
     record = _usage_record(outcome)
-    kept = _conversation_write(outcome) if outcome.reply and outcome.conversation_id is not None else None
+    keep = keep_exchange and bool(outcome.reply) and outcome.conversation_id is not None
+    kept = _conversation_write(outcome) if keep else None
     actual_tokens = outcome.input_tokens + outcome.output_tokens
     if outcome.reservation is not None and _settles_in_one_statement():
         ledger_statement.write(

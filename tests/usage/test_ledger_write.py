@@ -172,3 +172,28 @@ def test_a_follow_up_touches_its_conversation_and_adds_two_messages(user_id: int
     contents = list(Message.objects.filter(conversation_id=conversation_id).values_list("role", "content"))
     assert contents == [("user", "hello"), ("assistant", "hi there"), ("user", "again"), ("assistant", "sure")]
     assert _row(user_id) == (84, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_conversation_deleted_mid_request_still_gets_its_usage_recorded(
+    user_id: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    from channels.db import database_sync_to_async as sync_to_async  # closes its connection after each call
+
+    from chat.pipeline import _write_ledger
+
+    conversation_id = uuid.uuid4()
+    first = await sync_to_async(token_reserve)(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    await sync_to_async(usage_settle)(
+        outcome=_outcome(user_id, first, transport="rest", conversation_id=conversation_id, new_conversation=True)
+    )
+    second = await sync_to_async(token_reserve)(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    follow_up = _outcome(user_id, second, transport="rest", conversation_id=conversation_id, reply="late")
+    await sync_to_async(Conversation.objects.filter(id=conversation_id).delete)()  # the user deletes it meanwhile
+
+    record = await _write_ledger(follow_up)
+
+    assert record.request_id == follow_up.request_id and record.conversation_id == conversation_id
+    assert await sync_to_async(_row)(user_id) == (84, 0)  # both requests' usage, nothing left reserved
+    assert not await sync_to_async(Message.objects.filter(conversation_id=conversation_id).exists)()
+    assert any("is gone" in r.getMessage() for r in caplog.records)
