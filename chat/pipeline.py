@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -395,15 +396,13 @@ async def _write_ledger_once(outcome: ChatOutcome) -> UsageRecord:
         existing = await db_async(UsageRecord.objects.filter(request_id=outcome.request_id).first)()
         if existing is not None:
             return existing  # an earlier try committed before its connection broke
-        if not (outcome.reply and outcome.conversation_id):
-            raise
-    # The conversation was deleted while the reply was generated: the usage is still owed.
+    # A row the write refers to was deleted while the reply was generated (the conversation, or
+    # the API key by an operator): the usage is still owed, so it is recorded without them.
     logger.warning(
-        "conversation %s is gone; the usage is recorded without the exchange",
-        outcome.conversation_id,
+        "the conversation or the API key of the request is gone; the usage is recorded without them",
         extra={"request_id": str(outcome.request_id)},
     )
-    return await db_async(usage_settle)(outcome=outcome, keep_exchange=False)
+    return await db_async(usage_settle)(outcome=dataclasses.replace(outcome, api_key_id=None), keep_exchange=False)
 
 
 async def _settle(outcome: ChatOutcome) -> UsageRecord | None:

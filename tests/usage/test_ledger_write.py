@@ -197,3 +197,23 @@ async def test_a_conversation_deleted_mid_request_still_gets_its_usage_recorded(
     assert await sync_to_async(_row)(user_id) == (84, 0)  # both requests' usage, nothing left reserved
     assert not await sync_to_async(Message.objects.filter(conversation_id=conversation_id).exists)()
     assert any("is gone" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_api_key_deleted_mid_request_still_gets_its_usage_recorded(user_id: int) -> None:
+    from channels.db import database_sync_to_async as sync_to_async
+
+    from accounts.models import ApiKey, User
+    from accounts.services import api_key_create
+    from chat.pipeline import _write_ledger
+
+    user = await sync_to_async(User.objects.get)(pk=user_id)
+    key = (await sync_to_async(api_key_create)(user=user)).api_key
+    reservation = await sync_to_async(token_reserve)(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    outcome = _outcome(user_id, reservation, api_key_id=key.pk)
+    await sync_to_async(ApiKey.objects.filter(pk=key.pk).delete)()  # an operator deletes the key meanwhile
+
+    record = await _write_ledger(outcome)
+
+    assert record.request_id == outcome.request_id and record.api_key_id is None
+    assert await sync_to_async(_row)(user_id) == (42, 0)
