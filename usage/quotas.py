@@ -18,7 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import Exists, F
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
@@ -159,12 +159,28 @@ def token_reserve(*, user_id: int, limit: int, tokens: int, now: datetime | None
         return token_reserve_portable(reservation, limit=limit, now=now)
     if _reserve_in_one_statement(reservation, limit=limit, now=now):
         return reservation
-    if _reap_expired_for(user_id=user_id, day=day, now=now) and _reserve_in_one_statement(
-        reservation, limit=limit, now=now
-    ):
-        return reservation
-    used, reserved = _counts(user_id=user_id, day=day)
+    used, reserved, expired = _refusal_state(user_id=user_id, day=day, now=now)
+    if expired:
+        if _reap_expired_for(user_id=user_id, day=day, now=now) and _reserve_in_one_statement(
+            reservation, limit=limit, now=now
+        ):
+            return reservation
+        used, reserved = _counts(user_id=user_id, day=day)
     raise _quota_exceeded(limit=limit, used=used, reserved=reserved, requested=tokens, now=now)
+
+
+def _refusal_state(*, user_id: int, day: date, now: datetime) -> tuple[int, int, bool]:
+    """(used, reserved, any reservation expired) of the user's day, in one query, for a refusal."""
+    expired = TokenReservation.objects.filter(user_id=user_id, day=day, expires_at__lte=now)
+    row = (
+        DailyTokenUsage.objects.filter(user_id=user_id, day=day)
+        .annotate(expired=Exists(expired))
+        .values_list("used", "reserved", "expired")
+        .first()
+    )
+    if row is None:  # no row: the request alone is over the limit (nothing can be reserved or expired)
+        return 0, 0, False
+    return int(row[0]), int(row[1]), bool(row[2])
 
 
 def token_reserve_portable(reservation: Reservation, *, limit: int, now: datetime) -> Reservation:
