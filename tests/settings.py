@@ -14,8 +14,8 @@ os.environ.setdefault("SECRET_KEY", "test-secret-key-" + "k" * 40)
 os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
 os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
-# Server threads in tests close their connections after each call, so the test database can be dropped.
-os.environ.setdefault("CONN_MAX_AGE", "0")
+# Server threads keep their connections between calls as in production (CONN_MAX_AGE's default);
+# the conftest ends those sessions before the test database is dropped.
 # Short waits keep the router tests quick; tests that time things set their own.
 os.environ.setdefault("RETRY_DELAY_SECONDS", "0.01")
 # Tests never use a developer's real keys unless they ask to: `pytest tests/integration/ --api-keys`.
