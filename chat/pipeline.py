@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
@@ -20,7 +19,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, InterfaceError, OperationalError
 
 from accounts.principal import Principal
 from chat.errors import error_for_provider_failure
@@ -41,7 +39,7 @@ from providers.tokens import count_text
 from usage.admission import Admission, admit
 from usage.metrics import observe_outcome
 from usage.models import UsageRecord
-from usage.services import ChatOutcome, usage_settle
+from usage.services import ChatOutcome, usage_write
 
 logger = logging.getLogger("chat.pipeline")
 request_logger = logging.getLogger("chat.requests")
@@ -376,38 +374,9 @@ def _billable_usage(
     return Usage(input_tokens=prompt_tokens, output_tokens=counted, cached_input_tokens=0, source="estimated")
 
 
-async def _write_ledger(outcome: ChatOutcome) -> UsageRecord:
-    """`usage_settle`, once more on a fresh connection if the pooled one broke (a database restart).
-
-    The write is one statement or one transaction, so a failed try left nothing; if the
-    connection broke after the commit, the retry meets the record's unique request_id.
-    """
-    try:
-        return await _write_ledger_once(outcome)
-    except (OperationalError, InterfaceError) as exc:
-        logger.warning("the ledger write failed (%s); retrying on a fresh connection", exc)
-    return await _write_ledger_once(outcome)
-
-
-async def _write_ledger_once(outcome: ChatOutcome) -> UsageRecord:
-    try:
-        return await db_async(usage_settle)(outcome=outcome)
-    except IntegrityError:
-        existing = await db_async(UsageRecord.objects.filter(request_id=outcome.request_id).first)()
-        if existing is not None:
-            return existing  # an earlier try committed before its connection broke
-    # A row the write refers to was deleted while the reply was generated (the conversation, or
-    # the API key by an operator): the usage is still owed, so it is recorded without them.
-    logger.warning(
-        "the conversation or the API key of the request is gone; the usage is recorded without them",
-        extra={"request_id": str(outcome.request_id)},
-    )
-    return await db_async(usage_settle)(outcome=dataclasses.replace(outcome, api_key_id=None), keep_exchange=False)
-
-
 async def _settle(outcome: ChatOutcome) -> UsageRecord | None:
     try:
-        record = await _write_ledger(outcome)
+        record = await usage_write(outcome)
     except Exception:
         logger.exception("could not write the usage record", extra={"request_id": str(outcome.request_id)})
         return None

@@ -99,10 +99,10 @@ async def test_the_ledger_write_is_retried_once_on_a_broken_connection_and_never
     one_thread: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     from accounts.services import user_get_or_create
-    from chat.pipeline import _write_ledger
     from tests.usage.test_ledger_write import NOON, _outcome
     from usage.models import DailyTokenUsage, UsageRecord
     from usage.quotas import token_reserve
+    from usage.services import usage_write
 
     user, _ = await db_async(user_get_or_create)(username="broken-connection", plan_name="premium")
     reservation = await db_async(token_reserve)(user_id=user.pk, limit=10_000, tokens=100, now=NOON)
@@ -110,12 +110,12 @@ async def test_the_ledger_write_is_retried_once_on_a_broken_connection_and_never
 
     await terminate(await db_async(backend_pid)())
     await asyncio.sleep(0.05)
-    record = await _write_ledger(outcome)  # the first try fails on the dead connection, the second writes
+    record = await usage_write(outcome)  # the first try fails on the dead connection, the second writes
 
     # The connection breaks again after a write that did commit: the retry finds the record, adds nothing.
     await terminate(await db_async(backend_pid)())
     await asyncio.sleep(0.05)
-    again = await _write_ledger(outcome)
+    again = await usage_write(outcome)
 
     assert again.pk == record.pk
     assert sum("retrying on a fresh connection" in r.getMessage() for r in caplog.records) == 2

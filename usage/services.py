@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from django.db import connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from chat.models import Conversation, Message
+from chatservice.db import db_async
 from usage import ledger_statement
 from usage.ledger_statement import ConversationWrite
 from usage.models import UsageRecord
 from usage.quotas import Reservation, token_settle
+
+logger = logging.getLogger(__name__)
 
 TITLE_CHARS = 80
 
@@ -81,6 +86,35 @@ def usage_settle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRe
                 Conversation.objects.filter(id=kept.conversation_id).update(updated_at=kept.touched_at)
             Message.objects.bulk_create(list(kept.messages))
     return record
+
+
+async def usage_write(outcome: ChatOutcome) -> UsageRecord:
+    """`usage_settle` from async code, once more on a fresh connection if the pooled one broke (a database restart).
+
+    The write is one statement or one transaction, so a failed try left nothing; if the
+    connection broke after the commit, the retry meets the record's unique request_id.
+    """
+    try:
+        return await _usage_write_once(outcome)
+    except (OperationalError, InterfaceError) as exc:
+        logger.warning("the ledger write failed (%s); retrying on a fresh connection", exc)
+    return await _usage_write_once(outcome)
+
+
+async def _usage_write_once(outcome: ChatOutcome) -> UsageRecord:
+    try:
+        return await db_async(usage_settle)(outcome=outcome)
+    except IntegrityError:
+        existing = await db_async(UsageRecord.objects.filter(request_id=outcome.request_id).first)()
+        if existing is not None:
+            return existing  # an earlier try committed before its connection broke
+    # A row the write refers to was deleted while the reply was generated (the conversation, or
+    # the API key by an operator): the usage is still owed, so it is recorded without them.
+    logger.warning(
+        "the conversation or the API key of the request is gone; the usage is recorded without them",
+        extra={"request_id": str(outcome.request_id)},
+    )
+    return await db_async(usage_settle)(outcome=dataclasses.replace(outcome, api_key_id=None), keep_exchange=False)
 
 
 def _settles_in_one_statement() -> bool:

@@ -180,7 +180,7 @@ async def test_a_conversation_deleted_mid_request_still_gets_its_usage_recorded(
 ) -> None:
     from channels.db import database_sync_to_async as sync_to_async  # closes its connection after each call
 
-    from chat.pipeline import _write_ledger
+    from usage.services import usage_write
 
     conversation_id = uuid.uuid4()
     first = await sync_to_async(token_reserve)(user_id=user_id, limit=10_000, tokens=100, now=NOON)
@@ -191,7 +191,7 @@ async def test_a_conversation_deleted_mid_request_still_gets_its_usage_recorded(
     follow_up = _outcome(user_id, second, transport="rest", conversation_id=conversation_id, reply="late")
     await sync_to_async(Conversation.objects.filter(id=conversation_id).delete)()  # the user deletes it meanwhile
 
-    record = await _write_ledger(follow_up)
+    record = await usage_write(follow_up)
 
     assert record.request_id == follow_up.request_id and record.conversation_id == conversation_id
     assert await sync_to_async(_row)(user_id) == (84, 0)  # both requests' usage, nothing left reserved
@@ -205,7 +205,7 @@ async def test_an_api_key_deleted_mid_request_still_gets_its_usage_recorded(user
 
     from accounts.models import ApiKey, User
     from accounts.services import api_key_create
-    from chat.pipeline import _write_ledger
+    from usage.services import usage_write
 
     user = await sync_to_async(User.objects.get)(pk=user_id)
     key = (await sync_to_async(api_key_create)(user=user)).api_key
@@ -213,7 +213,7 @@ async def test_an_api_key_deleted_mid_request_still_gets_its_usage_recorded(user
     outcome = _outcome(user_id, reservation, api_key_id=key.pk)
     await sync_to_async(ApiKey.objects.filter(pk=key.pk).delete)()  # an operator deletes the key meanwhile
 
-    record = await _write_ledger(outcome)
+    record = await usage_write(outcome)
 
     assert record.request_id == outcome.request_id and record.api_key_id is None
     assert await sync_to_async(_row)(user_id) == (42, 0)
