@@ -348,3 +348,54 @@ async def test_wire_json_answer_and_auth_errors(sandbox: SandboxState, sandbox_s
     }
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "messages"
+
+
+# --- connection pools ---------------------------------------------------------------------------
+
+_ONE_REPLY = (
+    b'data: {"model":"gpt-4o-mini","choices":[{"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+    b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize(("shards", "connections"), [(1, 1), (3, 3)])
+async def test_calls_go_round_robin_over_the_pools_and_keep_their_connections(shards: int, connections: int) -> None:
+    """Six calls over `shards` clients open one kept-alive connection per client, no more."""
+    accepted = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    + b"content-length: %d\r\n\r\n" % len(_ONE_REPLY)
+                    + _ONE_REPLY
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = OpenAIProvider(
+        name="openai", api_key="k", base_url=f"http://127.0.0.1:{port}/v1", timeout=5, shards=shards
+    )
+    try:
+        for _ in range(6):
+            events, error = await collect(provider, make_request("hi"))
+            assert error is None and text_of(events) == "hi"
+    finally:
+        await provider.aclose()
+        server.close()
+        await server.wait_closed()
+    assert accepted == connections
