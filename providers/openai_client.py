@@ -75,7 +75,6 @@ class OpenAIProvider:
             )
             for _ in range(max(1, shards))
         )
-        self._client = self._clients[0]
         self._next_client = itertools.cycle(self._clients).__next__
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
@@ -130,7 +129,7 @@ class OpenAIProvider:
     async def list_models(self) -> list[str]:
         """The model ids the upstream lists (a free call, used by the status probe)."""
         try:
-            page = await self._client.models.list()
+            page = await self._clients[0].models.list()
         except Exception as exc:
             raise self._map_error(exc) from exc
         return [model.id for model in page.data]
