@@ -1,11 +1,15 @@
-"""docker-compose.yml and .env.example are kept right by reading: parse them and check the wiring."""
+"""docker-compose.yml, .env.example, the Dockerfile, the Makefile's serve commands and the requirements are
+kept right by reading: parse them and check the wiring."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import yaml
+
+from tests.usage.servers import make_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +44,37 @@ def test_compose_runs_postgres_redis_and_the_app_with_healthchecks() -> None:
     assert "checkproviders" in " ".join(services["checkproviders"]["command"])
 
 
-def test_dockerfile_serves_the_asgi_app_with_daphne() -> None:
+def _dockerfile_cmd() -> list[str]:
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    commands = re.findall(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE)
+    assert commands, "the Dockerfile has no CMD in exec form"
+    return list(json.loads(commands[-1]))
+
+
+def _pinned(requirements: str) -> dict[str, str]:
+    lines = (ROOT / requirements).read_text().splitlines()
+    return dict(line.split("==", 1) for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_dockerfile_serves_the_asgi_app_with_the_make_serve_command() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "python:3.11" in dockerfile
-    assert '"daphne"' in dockerfile and "chatservice.asgi:application" in dockerfile
+    assert "python:3.11" in dockerfile and "EXPOSE 8002" in dockerfile
+    serve = make_command("serve", BIN=".venv/bin", HOST="0.0.0.0", PORT="8002")
+    assert serve[0] == ".venv/bin/uvicorn"
+    assert _dockerfile_cmd() == ["uvicorn", *serve[1:]]
+    assert serve[1] == "chatservice.asgi:application"
+    for flag, value in (("--loop", "uvloop"), ("--http", "httptools"), ("--ws", "websockets-sansio")):
+        assert serve[serve.index(flag) + 1] == value, flag
+
+
+def test_make_run_still_serves_with_designs_daphne_command() -> None:
+    run = make_command("run", BIN=".venv/bin", HOST="127.0.0.1", PORT="8002")
+    assert run == [".venv/bin/daphne", "-b", "127.0.0.1", "-p", "8002", "chatservice.asgi:application"]
+
+
+def test_the_production_server_is_a_runtime_requirement() -> None:
+    """The image installs requirements.txt alone, so all the serve command loads is pinned there, once."""
+    runtime, dev = _pinned("requirements.txt"), _pinned("requirements-dev.txt")
+    for package in ("uvicorn", "uvloop", "httptools", "websockets", "daphne"):
+        assert package in runtime, package
+        assert package not in dev, package

@@ -1,21 +1,24 @@
-"""Real processes for end-to-end limit tests: N service instances under uvicorn, and a disposable redis-server.
+"""Real processes for end-to-end tests: N service instances under uvicorn, and a disposable redis-server.
 
 The service processes run `chatservice.asgi:application` under the uvicorn CLI with
-DJANGO_SETTINGS_MODULE=tests.settings, through `service_application` below, which applies the
-test's limiter and router namespaces (instances of one deployment share their keys; the pytest
-process sets the router's per test) and exits when the test process is gone. Every process is
-killed by `stop()`, and readiness is a bounded loop on `GET /health`.
+DJANGO_SETTINGS_MODULE=tests.settings, by default through `service_application` below, which
+applies the test's limiter and router namespaces (instances of one deployment share their keys;
+the pytest process sets the router's per test) and exits when the test process is gone; or with
+a command of the Makefile's (`make_command`), such as `make serve`'s production command. Every
+process is killed by `stop()`, and readiness is a bounded loop on `GET /health`.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -178,8 +181,48 @@ def _healthy(server: ServerProcess) -> bool:
     return httpx.get(f"{server.url}/health", timeout=2).status_code == 200
 
 
-def start_services(count: int, *, env: Mapping[str, str], log_dir: Path) -> list[ServerProcess]:
-    """Start `count` service processes at once and wait until each answers `GET /health` with 200.
+def factory_command(port: int) -> list[str]:
+    """The service on 127.0.0.1:`port` under uvicorn, through `service_application`."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "tests.usage.servers:service_application",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--lifespan",
+        "off",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+
+
+def make_command(target: str, **variables: str) -> list[str]:
+    """The command of the Makefile's `target` (its one recipe line, continuations joined) as argv,
+    each `$(NAME)` replaced by `variables[NAME]`; a variable not given is an error."""
+    makefile = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    recipe = re.search(rf"^{re.escape(target)}:[^\n]*\n((?:\t[^\n]*\n)+)", makefile, re.MULTILINE)
+    if recipe is None:
+        raise LookupError(f"the Makefile has no recipe for {target!r}")
+    lines = recipe.group(1).splitlines()
+    if len(lines) != 1:
+        raise LookupError(f"the recipe of {target!r} has {len(lines)} lines, not one command")
+    return [re.sub(r"\$\((\w+)\)", lambda name: variables[name.group(1)], word) for word in shlex.split(lines[0])]
+
+
+def start_services(
+    count: int,
+    *,
+    env: Mapping[str, str],
+    log_dir: Path,
+    command: Callable[[int], list[str]] = factory_command,
+) -> list[ServerProcess]:
+    """Start `count` service processes at once, `command(port)` each, and wait until each answers
+    `GET /health` with 200.
 
     On any failure every process already started is stopped before the error propagates.
     """
@@ -187,23 +230,7 @@ def start_services(count: int, *, env: Mapping[str, str], log_dir: Path) -> list
     try:
         for index in range(count):
             port = free_port()
-            command = [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "tests.usage.servers:service_application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--lifespan",
-                "off",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ]
-            servers.append(_spawn(command, env=env, log_path=log_dir / f"service-{index}.log", port=port))
+            servers.append(_spawn(command(port), env=env, log_path=log_dir / f"service-{index}.log", port=port))
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         for server in servers:
             _wait_ready(server, _healthy, deadline)
