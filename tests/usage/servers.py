@@ -10,6 +10,7 @@ process is killed by `stop()`, and readiness is a bounded loop on `GET /health`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +27,7 @@ from urllib.parse import quote
 
 import httpx
 import redis
+from django.conf import settings as django_settings
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_SECONDS = 45.0
@@ -238,6 +240,31 @@ def start_services(
         stop_all(servers)
         raise
     return servers
+
+
+@contextlib.contextmanager
+def running_services(
+    count: int,
+    *,
+    sandbox_url: str,
+    log_dir: Path,
+    redis_url: str | None = None,
+    command: Callable[[int], list[str]] = factory_command,
+) -> Iterator[list[ServerProcess]]:
+    """`count` service processes (`start_services`) on the running test's database, Redis (or `redis_url`)
+    and namespaces, with the providers on `sandbox_url`; every one is stopped when the block ends."""
+    env = service_env(
+        database=django_settings.DATABASES["default"],
+        redis_url=redis_url or django_settings.REDIS_URL,
+        sandbox_url=sandbox_url,
+        rate_limit_namespace=django_settings.RATE_LIMIT_NAMESPACE,
+        router_state_namespace=django_settings.ROUTER_STATE_NAMESPACE,
+    )
+    servers = start_services(count, env=env, log_dir=log_dir, command=command)
+    try:
+        yield servers
+    finally:
+        stop_all(servers)
 
 
 def stop_all(servers: list[ServerProcess]) -> None:

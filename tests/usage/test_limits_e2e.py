@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-from django.conf import settings as django_settings
 from django.db import connections
 from django.db.models import F, Sum
 
@@ -30,7 +29,7 @@ from providers.sandbox.faults import SandboxState, count_prompt_tokens
 from providers.tokens import count_messages
 from tests.chat.clients import sse_chat, ws_chat
 from tests.sandbox_server import BackgroundServer
-from tests.usage.servers import RedisProcess, ServerProcess, service_env, start_redis, start_services, stop_all
+from tests.usage.servers import RedisProcess, ServerProcess, running_services, start_redis
 from usage.limiter import WINDOW_SECONDS, request_limiter
 from usage.models import DailyTokenUsage, TokenReservation, UsageRecord
 
@@ -402,21 +401,11 @@ def test_every_transport_counts_in_one_window_and_is_refused_by_it(
 
 @pytest.fixture
 def two_services(
-    sandbox_server: BackgroundServer, sandbox: SandboxState, transactional_db: None, settings: Any, tmp_path: Path
+    sandbox_server: BackgroundServer, sandbox: SandboxState, transactional_db: None, tmp_path: Path
 ) -> Iterator[list[ServerProcess]]:
     """Two uvicorn processes of the service on the test database, the test's Redis and namespaces, the sandbox."""
-    env = service_env(
-        database=django_settings.DATABASES["default"],
-        redis_url=settings.REDIS_URL,
-        sandbox_url=sandbox_server.url,
-        rate_limit_namespace=settings.RATE_LIMIT_NAMESPACE,
-        router_state_namespace=settings.ROUTER_STATE_NAMESPACE,
-    )
-    servers = start_services(2, env=env, log_dir=tmp_path)
-    try:
+    with running_services(2, sandbox_url=sandbox_server.url, log_dir=tmp_path) as servers:
         yield servers
-    finally:
-        stop_all(servers)
 
 
 def test_two_processes_share_the_hourly_limit_and_the_daily_quota(
@@ -473,22 +462,11 @@ def service_on_own_redis(
     sandbox_server: BackgroundServer,
     sandbox: SandboxState,
     transactional_db: None,
-    settings: Any,
     tmp_path: Path,
 ) -> Iterator[ServerProcess]:
     """One service process whose REDIS_URL is `own_redis` (so its outage leaves this test process untouched)."""
-    env = service_env(
-        database=django_settings.DATABASES["default"],
-        redis_url=own_redis.url,
-        sandbox_url=sandbox_server.url,
-        rate_limit_namespace=settings.RATE_LIMIT_NAMESPACE,
-        router_state_namespace=settings.ROUTER_STATE_NAMESPACE,
-    )
-    servers = start_services(1, env=env, log_dir=tmp_path)
-    try:
+    with running_services(1, sandbox_url=sandbox_server.url, log_dir=tmp_path, redis_url=own_redis.url) as servers:
         yield servers[0]
-    finally:
-        stop_all(servers)
 
 
 def logged_warnings(server: ServerProcess) -> list[dict[str, Any]]:
