@@ -27,7 +27,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"run only this scenario or group (repeatable): {', '.join(scenario_names())}",
     )
     parser.add_argument(
-        "--server", choices=["daphne", "uvicorn", "both"], default="daphne", help="what serves the gateway"
+        "--server",
+        choices=["daphne", "uvicorn", "both"],
+        default="uvicorn",
+        help="what serves the gateway: uvicorn (the production command, `make serve`), daphne (`make run`), or both",
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument(

@@ -95,14 +95,16 @@ def gateway_env(options: RunOptions, mock_port: int) -> dict[str, str]:
 
 
 def gateway_command(server: str, port: int) -> list[str]:
+    """The gateway on 127.0.0.1:`port`: under uvicorn, `make serve`'s production command; under daphne,
+    DESIGN's serve command with a longer accept queue (Twisted's default is 50) and no access log."""
     if server == "daphne":
         endpoint = f"tcp:port={port}:interface=127.0.0.1:backlog=4096"
         return [str(BIN / "daphne"), "-e", endpoint, "-v", "0", "chatservice.asgi:application"]
     if server == "uvicorn":
         return [
             str(BIN / "uvicorn"), "chatservice.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-            "--lifespan", "off", "--no-access-log", "--log-level", "warning", "--backlog", "4096",
-            "--timeout-keep-alive", "120",
+            "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off",
+            "--no-access-log", "--timeout-keep-alive", "120",
         ]  # fmt: skip
     raise ValueError(f"unknown server {server!r}")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.run import BIN, gateway_command
 from tests.usage.servers import make_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,11 @@ def test_dockerfile_serves_the_asgi_app_with_the_make_serve_command() -> None:
 def test_make_run_still_serves_with_designs_daphne_command() -> None:
     run = make_command("run", BIN=".venv/bin", HOST="127.0.0.1", PORT="8002")
     assert run == [".venv/bin/daphne", "-b", "127.0.0.1", "-p", "8002", "chatservice.asgi:application"]
+
+
+def test_the_bench_measures_the_production_command() -> None:
+    serve = make_command("serve", BIN=str(BIN), HOST="127.0.0.1", PORT="9100")
+    assert gateway_command("uvicorn", 9100) == serve
 
 
 def test_the_production_server_is_a_runtime_requirement() -> None:
