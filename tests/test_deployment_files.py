@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -76,6 +77,14 @@ def test_make_run_still_serves_with_designs_daphne_command() -> None:
 def test_the_bench_measures_the_production_command() -> None:
     serve = make_command("serve", BIN=str(BIN), HOST="127.0.0.1", PORT="9100")
     assert gateway_command("uvicorn", 9100) == serve
+
+
+def test_the_readme_shows_the_production_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"^### In production\n.*?```sh\n(.*?)```", readme, re.MULTILINE | re.DOTALL)
+    assert shown, "README.md has no production command under '### In production'"
+    serve = make_command("serve", BIN="", HOST="0.0.0.0", PORT="8002")
+    assert shlex.split(shown.group(1).replace("\\\n", " ")) == ["uvicorn", *serve[1:]]
 
 
 def test_the_production_server_is_a_runtime_requirement() -> None:
