@@ -93,32 +93,3 @@ async def test_an_idle_connection_is_health_checked_so_a_broken_one_costs_no_req
     replaced = await db_async(backend_pid)()  # no error: the check found it dead first
     assert replaced != pid
     assert health_checks
-
-
-async def test_the_ledger_write_is_retried_once_on_a_broken_connection_and_never_counted_twice(
-    one_thread: None, caplog: pytest.LogCaptureFixture
-) -> None:
-    from accounts.services import user_get_or_create
-    from tests.usage.test_ledger_write import NOON, _outcome
-    from usage.models import DailyTokenUsage, UsageRecord
-    from usage.quotas import token_reserve
-    from usage.services import usage_write
-
-    user, _ = await db_async(user_get_or_create)(username="broken-connection", plan_name="premium")
-    reservation = await db_async(token_reserve)(user_id=user.pk, limit=10_000, tokens=100, now=NOON)
-    outcome = _outcome(user.pk, reservation)
-
-    await terminate(await db_async(backend_pid)())
-    await asyncio.sleep(0.05)
-    record = await usage_write(outcome)  # the first try fails on the dead connection, the second writes
-
-    # The connection breaks again after a write that did commit: the retry finds the record, adds nothing.
-    await terminate(await db_async(backend_pid)())
-    await asyncio.sleep(0.05)
-    again = await usage_write(outcome)
-
-    assert again.pk == record.pk
-    assert sum("retrying on a fresh connection" in r.getMessage() for r in caplog.records) == 2
-    day = await db_async(DailyTokenUsage.objects.get)(user_id=user.pk, day=NOON.date())
-    assert (day.used, day.reserved) == (42, 0)
-    assert await db_async(UsageRecord.objects.filter(user_id=user.pk).count)() == 1

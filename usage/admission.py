@@ -13,7 +13,7 @@ from chatservice.db import db_async
 from chatservice.errors import ServiceError
 from usage.limiter import LimitState, RequestLimiter, limit_hit
 from usage.metrics import observe_limit_refusal
-from usage.quotas import Reservation, token_release, token_reserve
+from usage.quotas import Reservation, token_areserve, token_release
 
 logger = logging.getLogger(__name__)
 _DATABASE_DOWN = (OperationalError, InterfaceError)
@@ -59,7 +59,7 @@ async def admit(*, principal: Principal, estimated_tokens: int, limiter: Request
     back. The caller owns the returned reservation: settle it with the UsageRecord, or release it.
     """
     try:
-        reservation = await db_async(token_reserve)(
+        reservation = await token_areserve(
             user_id=principal.user_id, limit=principal.tokens_per_day, tokens=estimated_tokens
         )
     except _DATABASE_DOWN as exc:

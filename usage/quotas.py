@@ -22,6 +22,8 @@ from django.db.models import Exists, F
 from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 
+from chatservice.async_db import statements
+from chatservice.db import db_async
 from chatservice.errors import ServiceError
 from usage.models import DailyTokenUsage, TokenReservation
 
@@ -122,8 +124,8 @@ RETURNING id
 """
 
 
-def _reserve_in_one_statement(reservation: Reservation, *, limit: int, now: datetime) -> bool:
-    params: dict[str, Any] = {
+def _reserve_params(reservation: Reservation, *, limit: int, now: datetime) -> dict[str, Any]:
+    return {
         "id": reservation.id,
         "user_id": reservation.user_id,
         "day": reservation.day,
@@ -132,8 +134,11 @@ def _reserve_in_one_statement(reservation: Reservation, *, limit: int, now: date
         "now": now,
         "expires_at": now + timedelta(seconds=settings.TOKEN_RESERVATION_TTL_SECONDS),
     }
+
+
+def _reserve_in_one_statement(reservation: Reservation, *, limit: int, now: datetime) -> bool:
     with connection.cursor() as cursor:
-        cursor.execute(_RESERVE_SQL, params)
+        cursor.execute(_RESERVE_SQL, _reserve_params(reservation, limit=limit, now=now))
         return cursor.fetchone() is not None
 
 
@@ -167,6 +172,21 @@ def token_reserve(*, user_id: int, limit: int, tokens: int, now: datetime | None
             return reservation
         used, reserved = _counts(user_id=user_id, day=day)
     raise _quota_exceeded(limit=limit, used=used, reserved=reserved, requested=tokens, now=now)
+
+
+async def token_areserve(*, user_id: int, limit: int, tokens: int) -> Reservation:
+    """`token_reserve` from async code. On Postgres the common case, an admitted request, is the
+    one statement run on the event loop (`chatservice.async_db`: no thread hop); a refusal, and
+    every other database, goes through `token_reserve` on the database threads, which reaps
+    expired reservations, tries again and says why it refuses."""
+    if tokens < 0:
+        raise ValueError("tokens must be >= 0")
+    if statements.available:
+        now = timezone.now()
+        reservation = Reservation(id=uuid.uuid4(), user_id=user_id, day=now.date(), tokens=tokens)
+        if await statements.fetchone(_RESERVE_SQL, _reserve_params(reservation, limit=limit, now=now)) is not None:
+            return reservation
+    return await db_async(token_reserve)(user_id=user_id, limit=limit, tokens=tokens)
 
 
 def _refusal_state(*, user_id: int, day: date, now: datetime) -> tuple[int, int, bool]:

@@ -13,6 +13,7 @@ from django.db import IntegrityError, InterfaceError, OperationalError, connecti
 from django.utils import timezone
 
 from chat.models import Conversation, Message
+from chatservice.async_db import statements
 from chatservice.db import db_async
 from usage import ledger_statement
 from usage.ledger_statement import ConversationWrite
@@ -59,6 +60,13 @@ class ChatOutcome:
     reservation: Reservation | None = None
 
 
+def _ledger_parts(outcome: ChatOutcome, keep_exchange: bool) -> tuple[UsageRecord, ConversationWrite | None, int]:
+    record = _usage_record(outcome)
+    keep = keep_exchange and bool(outcome.reply) and outcome.conversation_id is not None
+    kept = _conversation_write(outcome) if keep else None
+    return record, kept, outcome.input_tokens + outcome.output_tokens
+
+
 def usage_settle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRecord:
     """Write the request's UsageRecord, settle its token reservation to the actual usage, and
     keep the exchange in its conversation (only when the provider produced text and
@@ -66,10 +74,7 @@ def usage_settle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRe
 
     On Postgres this is one statement (`usage.ledger_statement`); elsewhere one transaction.
     """
-    record = _usage_record(outcome)
-    keep = keep_exchange and bool(outcome.reply) and outcome.conversation_id is not None
-    kept = _conversation_write(outcome) if keep else None
-    actual_tokens = outcome.input_tokens + outcome.output_tokens
+    record, kept, actual_tokens = _ledger_parts(outcome, keep_exchange)
     if outcome.reservation is not None and _settles_in_one_statement():
         ledger_statement.write(
             record=record, reservation=outcome.reservation, actual_tokens=actual_tokens, conversation=kept
@@ -88,6 +93,18 @@ def usage_settle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRe
     return record
 
 
+async def usage_asettle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRecord:
+    """`usage_settle` from async code: on Postgres the one statement runs on the event loop, with
+    no thread hop (`chatservice.async_db`); elsewhere `usage_settle` runs on the database threads."""
+    if outcome.reservation is None or not statements.available:
+        return await db_async(usage_settle)(outcome=outcome, keep_exchange=keep_exchange)
+    record, kept, actual_tokens = _ledger_parts(outcome, keep_exchange)
+    await ledger_statement.awrite(
+        record=record, reservation=outcome.reservation, actual_tokens=actual_tokens, conversation=kept
+    )
+    return record
+
+
 async def usage_write(outcome: ChatOutcome) -> UsageRecord:
     """`usage_settle` from async code, once more on a fresh connection if the pooled one broke (a database restart).
 
@@ -103,7 +120,7 @@ async def usage_write(outcome: ChatOutcome) -> UsageRecord:
 
 async def _usage_write_once(outcome: ChatOutcome) -> UsageRecord:
     try:
-        return await db_async(usage_settle)(outcome=outcome)
+        return await usage_asettle(outcome=outcome)
     except IntegrityError:
         existing = await db_async(UsageRecord.objects.filter(request_id=outcome.request_id).first)()
         if existing is not None:
@@ -114,7 +131,7 @@ async def _usage_write_once(outcome: ChatOutcome) -> UsageRecord:
         "the conversation or the API key of the request is gone; the usage is recorded without them",
         extra={"request_id": str(outcome.request_id)},
     )
-    return await db_async(usage_settle)(outcome=dataclasses.replace(outcome, api_key_id=None), keep_exchange=False)
+    return await usage_asettle(outcome=dataclasses.replace(outcome, api_key_id=None), keep_exchange=False)
 
 
 def _settles_in_one_statement() -> bool:

@@ -1,0 +1,124 @@
+"""The statements on every request's path, run on psycopg's async connections on the event loop.
+
+The ORM runs on a thread pool (`chatservice.db.db_async`). The two raw statements each
+request makes on Postgres — the token reservation and the one-statement ledger write — run
+here instead: no thread hop and no GIL hand-off between a database thread and the loop, no
+ORM, and a handful of parameters (rows go as JSON), so psycopg caches the statement's parsing.
+
+Connections are opened from Django's DATABASES settings (the same database, user and
+adapters) in autocommit mode, and kept per event loop in a short list of idle ones. A call
+takes an idle connection or opens one, so a database that is down fails the call at once, as
+Django's own connections do; a connection that broke, or was left inside a transaction, is
+closed rather than kept, and after a connection error every idle one of that database is
+dropped (a restart ends them all). psycopg's errors come out as Django's (`django.db.Error`
+and its subclasses), so callers handle one family of exceptions whichever way a statement ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import psycopg
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from psycopg.pq import TransactionStatus
+
+logger = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 16  # open at once per event loop and database; more concurrent calls wait for one
+
+_Key = tuple[Any, ...]
+
+
+class AsyncStatements:
+    """Single statements on Postgres from async code, over per-loop idle connections."""
+
+    def __init__(self, alias: str = DEFAULT_DB_ALIAS, *, max_connections: int = MAX_CONNECTIONS) -> None:
+        self._alias = alias
+        self._max_connections = max_connections
+        self._database: BaseDatabaseWrapper | None = None
+        self._params: dict[_Key, dict[str, Any]] = {}
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, _Connections]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @property
+    def database(self) -> BaseDatabaseWrapper:
+        """A wrapper of the alias's settings, never connected itself: it gives the connection
+        parameters and the error mapping. (`connections[alias]` would build one per asyncio task.)"""
+        if self._database is None:
+            self._database = connections.create_connection(self._alias)
+        return self._database
+
+    @property
+    def available(self) -> bool:
+        """True when the database is Postgres (elsewhere callers use the ORM on threads)."""
+        return self.database.vendor == "postgresql"
+
+    async def fetchone(self, sql: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """Run one statement (its own transaction) and return its first row, if any."""
+        database = self.database
+        connect_kwargs, key = self._connection_params(database)
+        pooled = self._loops.setdefault(asyncio.get_running_loop(), {}).get(key)
+        if pooled is None:
+            pooled = self._loops[asyncio.get_running_loop()][key] = _Connections(self._max_connections)
+        with database.wrap_database_errors:  # psycopg.OperationalError -> django.db.OperationalError, ...
+            async with pooled.slot:
+                conn = pooled.idle.pop() if pooled.idle else None
+                if conn is None or conn.closed:
+                    conn = await psycopg.AsyncConnection.connect(autocommit=True, **connect_kwargs)
+                try:
+                    cursor = await conn.execute(sql, params)
+                    return await cursor.fetchone() if cursor.description is not None else None
+                except psycopg.OperationalError:
+                    pooled.drop_idle()  # a restart ended them all
+                    raise
+                finally:
+                    await pooled.release(conn)
+
+    async def aclose(self) -> None:
+        """Close this loop's idle connections."""
+        for pooled in self._loops.pop(asyncio.get_running_loop(), {}).values():
+            while pooled.idle:
+                await pooled.idle.pop().close()
+
+    def _connection_params(self, database: BaseDatabaseWrapper) -> tuple[dict[str, Any], _Key]:
+        # Keyed on what names the database: tests (and an operator's settings change) may point
+        # the same alias elsewhere, and a connection must never serve another database.
+        config = database.settings_dict
+        key = tuple(str(config.get(k)) for k in ("NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS"))
+        params = self._params.get(key)
+        if params is None:
+            params = {k: v for k, v in database.get_connection_params().items() if k != "cursor_factory"}
+            self._params[key] = params
+        return params, key
+
+
+class _Connections:
+    """One loop's connections to one database: at most `limit` in use, the idle ones kept."""
+
+    def __init__(self, limit: int) -> None:
+        self.slot = asyncio.Semaphore(limit)
+        self.idle: list[psycopg.AsyncConnection] = []
+
+    async def release(self, conn: psycopg.AsyncConnection) -> None:
+        """Keep a connection that is idle outside any transaction (an error such as a unique
+        violation leaves it so in autocommit mode); close any other (broken, cancelled mid-statement)."""
+        if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+            self.idle.append(conn)
+            return
+        try:
+            await conn.close()
+        except Exception:  # closing a broken connection must not hide the statement's own error
+            logger.debug("closing a database connection failed", exc_info=True)
+
+    def drop_idle(self) -> None:
+        while self.idle:
+            self.idle.pop().pgconn.finish()  # no round trip: the server is likely gone
+
+
+statements = AsyncStatements()

@@ -1,0 +1,174 @@
+"""`chatservice.async_db`: the request path's statements on async connections — reused, bounded,
+replaced when broken, Django's errors — and the ledger write that runs on them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from channels.db import database_sync_to_async
+from django.db import IntegrityError, OperationalError, connection, connections
+from django.forms.models import model_to_dict
+
+from chatservice.async_db import AsyncStatements, statements
+from chatservice.db import db_async
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PID = "SELECT pg_backend_pid()"
+
+
+@database_sync_to_async
+def terminate(pid: int) -> None:
+    """End another connection's backend, as a Postgres restart or a proxy timeout would."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+async def backend_pid(db: AsyncStatements) -> int:
+    row = await db.fetchone(PID, {})
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[AsyncStatements]:
+    fresh = AsyncStatements(max_connections=3)
+    yield fresh
+    await fresh.aclose()
+
+
+async def test_a_connection_is_kept_and_reused_between_statements(db: AsyncStatements) -> None:
+    pids = {await backend_pid(db) for _ in range(5)}
+    assert len(pids) == 1
+
+
+async def test_no_more_than_the_limit_are_open_at_once_however_many_statements_run(db: AsyncStatements) -> None:
+    rows = await asyncio.gather(*(db.fetchone("SELECT pg_backend_pid(), pg_sleep(0.02)", {}) for _ in range(30)))
+    pids = {row[0] for row in rows if row is not None}
+    assert 1 <= len(pids) <= 3  # 30 statements, at most 3 connections, each kept for the next
+
+
+async def test_a_broken_connection_fails_its_statement_once_and_every_idle_one_is_dropped(
+    db: AsyncStatements,
+) -> None:
+    first = await asyncio.gather(*(db.fetchone("SELECT pg_backend_pid(), pg_sleep(0.02)", {}) for _ in range(3)))
+    idle = {row[0] for row in first if row is not None}
+    assert len(idle) == 3
+    for pid in idle:  # a restart ends every connection
+        await terminate(pid)
+    await asyncio.sleep(0.05)
+    with pytest.raises(OperationalError):  # Django's error class, not psycopg's
+        await backend_pid(db)
+    replaced = await backend_pid(db)  # not another dead one: the idle ones were dropped with the first
+    assert replaced not in idle
+    assert await backend_pid(db) == replaced
+
+
+async def test_a_database_that_is_down_fails_at_once(db: AsyncStatements) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    config = connections["default"].settings_dict  # the same dict every wrapper of the alias reads
+    port = config["PORT"]
+    config["PORT"] = str(closed_port)
+    try:
+        with pytest.raises(OperationalError):
+            await asyncio.wait_for(backend_pid(db), timeout=5)
+    finally:
+        config["PORT"] = port
+    assert await backend_pid(db) > 0  # and back, on connections to the right port
+
+
+async def test_a_refused_statement_raises_djangos_error_and_leaves_its_connection_usable(
+    db: AsyncStatements,
+) -> None:
+    pid = await backend_pid(db)
+    with pytest.raises(IntegrityError):
+        await db.fetchone("INSERT INTO accounts_plan (name) VALUES (NULL)", {})
+    assert await backend_pid(db) == pid
+
+
+async def test_the_ledger_write_on_the_event_loop_stores_what_the_orm_path_stores() -> None:
+    from accounts.services import user_get_or_create
+    from chat.models import Conversation, Message
+    from tests.usage.test_ledger_write import NOON, _outcome
+    from usage.models import UsageRecord
+    from usage.quotas import token_reserve
+    from usage.services import usage_settle, usage_write
+
+    user, _ = await db_async(user_get_or_create)(username="async-ledger", plan_name="premium")
+
+    async def written(path: str) -> tuple[dict[str, object], list[dict[str, object]], dict[str, object]]:
+        reservation = await db_async(token_reserve)(user_id=user.pk, limit=10**6, tokens=100, now=NOON)
+        conversation_id = uuid.uuid4()
+        outcome = _outcome(
+            user.pk,
+            reservation,
+            transport="rest",
+            conversation_id=conversation_id,
+            new_conversation=True,
+            user_message="Ünïcode — 'quotes' \"and\" \\ backslashes ✓",
+            system_prompt="be brief",
+            fallback_path=["openai", "claude"],
+            attempts=2,
+            time_to_first_token_ms=None,
+            flagged=True,
+        )
+        if path == "event loop":
+            record = await usage_write(outcome)
+        else:
+            record = await db_async(usage_settle)(outcome=outcome)
+        stored = await db_async(UsageRecord.objects.get)(pk=record.pk)
+        messages = await db_async(list)(Message.objects.filter(conversation_id=conversation_id).order_by("id"))
+        conversation = await db_async(Conversation.objects.get)(pk=conversation_id)
+        ignore = {"id", "request_id", "conversation", "conversation_id", "created_at", "updated_at"}
+        return (
+            {k: v for k, v in model_to_dict(stored).items() if k not in ignore},
+            [{k: v for k, v in model_to_dict(m).items() if k not in ignore} for m in messages],
+            {k: v for k, v in model_to_dict(conversation).items() if k not in ignore},
+        )
+
+    on_the_loop = await written("event loop")
+    by_the_orm = await written("orm")
+
+    assert on_the_loop == by_the_orm
+    record, messages, conversation = on_the_loop
+    assert record["cost"] == dataclasses.asdict(_outcome(user.pk, None))["cost"]  # exact, not a float
+    assert record["fallback_path"] == ["openai", "claude"] and record["time_to_first_token_ms"] is None
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"] == "Ünïcode — 'quotes' \"and\" \\ backslashes ✓"
+    assert conversation["system_prompt"] == "be brief"
+
+
+async def test_the_ledger_write_is_retried_once_on_a_broken_connection_and_never_counted_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from accounts.services import user_get_or_create
+    from tests.usage.test_ledger_write import NOON, _outcome
+    from usage.models import DailyTokenUsage, UsageRecord
+    from usage.quotas import token_reserve
+    from usage.services import usage_write
+
+    user, _ = await db_async(user_get_or_create)(username="broken-connection", plan_name="premium")
+    reservation = await db_async(token_reserve)(user_id=user.pk, limit=10_000, tokens=100, now=NOON)
+    outcome = _outcome(user.pk, reservation)
+
+    await terminate(await backend_pid(statements))
+    await asyncio.sleep(0.05)
+    record = await usage_write(outcome)  # the first try fails on the dead connection, the second writes
+
+    # The connection breaks again after a write that did commit: the retry finds the record, adds nothing.
+    await terminate(await backend_pid(statements))
+    await asyncio.sleep(0.05)
+    again = await usage_write(outcome)
+
+    assert again.pk == record.pk
+    assert sum("retrying on a fresh connection" in r.getMessage() for r in caplog.records) == 2
+    day = await db_async(DailyTokenUsage.objects.get)(user_id=user.pk, day=NOON.date())
+    assert (day.used, day.reserved) == (42, 0)
+    assert await db_async(UsageRecord.objects.filter(user_id=user.pk).count)() == 1
