@@ -21,7 +21,8 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 from django.conf import settings
-from redis.exceptions import RedisError
+
+from chatservice.redis_bounds import REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,7 +68,9 @@ class SharedRedis:
         cached = self._clients.get(loop)
         if cached is not None and cached[0] == url:
             return cached[1]
-        client = aioredis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, decode_responses=True)
+        client = aioredis.Redis.from_url(
+            url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS, decode_responses=True
+        )
         self._clients[loop] = (url, client)
         return client
 
@@ -75,8 +78,9 @@ class SharedRedis:
         client = self.client()
         if client is not None:
             try:
-                result = await remote(client)
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                    result = await remote(client)
+            except REDIS_ERRORS as exc:
                 self._failed(exc)
             else:
                 if self._outage_logged:

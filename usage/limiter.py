@@ -35,9 +35,9 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from accounts.principal import Principal
+from chatservice.redis_bounds import REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,7 +45,6 @@ Clock = Callable[[], float]
 
 WINDOW_SECONDS = 3600
 PROBE_INTERVAL_SECONDS = 5.0  # while Redis is down, how often a request tries it again
-_REDIS_ERRORS = (RedisError, OSError)
 _SWEEP_EVERY = 1000  # in-process windows: drop idle users' windows every this many hits
 
 
@@ -169,10 +168,10 @@ class _ClockedRedisStorage(RedisStorage):
     """`limits`' Redis storage (redis-py client) whose moving-window scripts get their timestamp from `clock`."""
 
     def __init__(self, uri: str, *, clock: Clock, key_prefix: str) -> None:
-        # Fail fast and let the limiter degrade: no backoff, one retry for a stale pooled connection.
+        # Fail fast and let the limiter degrade: no backoff, one retry for a stale pooled connection;
+        # a slow answer is bounded by RequestLimiter._run (chatservice.redis_bounds).
         options: dict[str, Any] = {
-            "socket_connect_timeout": 0.5,
-            "socket_timeout": 1.0,
+            "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
             "retry": Retry(NoBackoff(), 1),
         }
         super().__init__(uri, implementation="redispy", key_prefix=key_prefix, **options)
@@ -334,8 +333,9 @@ class RequestLimiter:
         shared = self._shared_strategy()
         if shared is not None:
             try:
-                result = await operation(shared)
-            except _REDIS_ERRORS as exc:
+                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                    result = await operation(shared)
+            except REDIS_ERRORS as exc:
                 self._mark_down(exc)
             else:
                 self._mark_up()

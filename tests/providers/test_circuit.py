@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 from django.test import override_settings
 
+from chatservice.redis_bounds import REDIS_TIMEOUT_SECONDS
 from providers.base import AllProvidersFailed, ProviderUnavailable
 from providers.catalog import acatalog_entries
 from providers.circuit import Admission, Circuit, SharedRedis
@@ -16,6 +18,7 @@ from providers.registry import registry
 from providers.router import Router
 from providers.routing_types import RouteTrace
 from tests.providers.scripted import FakeClock, ScriptedProvider, collect, fail, isolated_router_state, route_request
+from tests.redis_proxy import RedisProxy
 
 BACKENDS = ["redis", "in-process"]
 
@@ -169,3 +172,22 @@ async def test_unreachable_redis_degrades_to_in_process_and_warns_once(caplog: p
 
     outage_warnings = [r for r in caplog.records if "redis unreachable" in r.getMessage()]
     assert len(outage_warnings) == 1
+
+
+async def test_a_redis_that_hangs_is_waited_for_once_within_the_bound() -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    shared = SharedRedis(proxy.url)
+    circuit = Circuit(clock=FakeClock(), redis=shared)
+    assert await circuit.allow("openai") is Admission.ALLOWED
+    assert not shared.degraded
+
+    proxy.hung = True  # the connection stays open; no answer ever comes
+    started = time.monotonic()
+    verdict = await asyncio.wait_for(circuit.allow("openai"), timeout=REDIS_TIMEOUT_SECONDS * 5)
+    assert verdict is Admission.ALLOWED and shared.degraded  # the in-process circuit answered
+    assert time.monotonic() - started >= REDIS_TIMEOUT_SECONDS * 0.9
+    started = time.monotonic()
+    await circuit.record_success("openai")
+    assert time.monotonic() - started < REDIS_TIMEOUT_SECONDS  # degraded: Redis is not waited for again
+    await proxy.stop()

@@ -15,7 +15,7 @@ from django.db import connections
 from accounts.principal import Principal
 from accounts.services import user_get_or_create
 from chatservice.errors import ServiceError
-from tests.usage.test_limiter import RedisProxy
+from tests.redis_proxy import RedisProxy
 from usage.admission import admit, rate_limit_headers
 from usage.limiter import LimitState, RequestLimiter
 from usage.models import DailyTokenUsage, TokenReservation

@@ -8,12 +8,13 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings
 
 from accounts.principal import Principal
+from chatservice.redis_bounds import REDIS_TIMEOUT_SECONDS
+from tests.redis_proxy import RedisProxy
 from usage.limiter import LimitState, RequestLimiter, limit_hit, limit_peek, request_limiter
 
 T0 = 1_900_000_000.0  # clock values keep <= 4 decimals: Redis stores window timestamps with 14 digits
@@ -31,51 +32,6 @@ class FakeClock:
     def at(self, offset: float) -> FakeClock:
         self.now = T0 + offset
         return self
-
-
-class RedisProxy:
-    """A loopback TCP forwarder to the test Redis that a test can cut and restore: a real outage."""
-
-    def __init__(self) -> None:
-        parts = urlsplit(settings.REDIS_URL)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self.db = parts.path.lstrip("/") or "0"
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/{self.db}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        await self._server.wait_closed()
-        self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers.update((writer, up_writer))
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-                self._writers.discard(dst)
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 @pytest.fixture
@@ -251,6 +207,29 @@ async def test_redis_outage_degrades_to_the_process_window_and_recovers(
 
     await limiter.aclose()
     await shared.aclose()
+    await proxy.stop()
+
+
+async def test_a_redis_that_hangs_costs_one_bounded_wait_then_the_process_window(
+    make_limiter: Callable[..., RequestLimiter],
+) -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    limiter = make_limiter("redis", redis_url=proxy.url, probe_interval=3600)
+    assert (await limiter.hit(user_id=5, limit=10)).allowed
+    assert not limiter.degraded
+
+    proxy.hung = True  # the connection stays open; no answer ever comes
+    started = time.monotonic()
+    state = await asyncio.wait_for(limiter.hit(user_id=5, limit=10), timeout=REDIS_TIMEOUT_SECONDS * 5)
+    waited = time.monotonic() - started
+    assert state.allowed and limiter.degraded  # counted in this process's window instead
+    assert waited >= REDIS_TIMEOUT_SECONDS * 0.9  # the bound, not an error at once
+    started = time.monotonic()
+    assert (await limiter.hit(user_id=5, limit=10)).allowed
+    assert time.monotonic() - started < REDIS_TIMEOUT_SECONDS  # degraded: Redis is not waited for again
+
+    await limiter.aclose()
     await proxy.stop()
 
 

@@ -1,0 +1,57 @@
+"""A loopback TCP forwarder to the test Redis, for outages that are real: cut, restored, hung."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+
+class RedisProxy:
+    """A loopback TCP forwarder to the test Redis that a test can cut and restore (a real outage),
+    or make hang: from `hung = True` on, what clients send is swallowed and never answered."""
+
+    def __init__(self) -> None:
+        self.hung = False
+        parts = urlsplit(settings.REDIS_URL)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self.db = parts.path.lstrip("/") or "0"
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if self.hung:
+                        continue
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+                self._writers.discard(dst)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
