@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL),
         help="the bench's own Redis db, flushed at the start",
     )
+    parser.add_argument(
+        "--litellm-python",
+        default=os.environ.get("BENCH_LITELLM_PYTHON", sys.executable),
+        help="the Python that runs LiteLLM's proxy for the side-by-side run (a virtualenv of its own: it is not "
+        "a dependency of this project); skipped when it cannot import litellm.proxy",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser.parse_args(argv)
 
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         database_url=args.database_url,
         redis_url=args.redis_url,
         log_dir=args.results_dir / "logs",
+        litellm_python=args.litellm_python,
     )
     systems = run(options)
     meta = {

@@ -47,6 +47,7 @@ class RunOptions:
     redis_url: str
     log_dir: Path
     setup_stores: bool = True
+    litellm_python: str = sys.executable  # LiteLLM's proxy may live in a virtualenv of its own
 
 
 @dataclass
@@ -170,8 +171,15 @@ def _one_line(result: LoadResult) -> str:
     return f"{result.ok}/{result.requested} ok, {result.rps:.0f}/s, {latency}{ttft}{errors}"
 
 
-def litellm_available() -> bool:
-    return importlib.util.find_spec("litellm") is not None and importlib.util.find_spec("litellm.proxy") is not None
+def litellm_available(python: str = sys.executable) -> bool:
+    """Whether `python` can import LiteLLM's proxy (this interpreter is asked directly, another one by running it)."""
+    if python == sys.executable:
+        return importlib.util.find_spec("litellm") is not None and importlib.util.find_spec("litellm.proxy") is not None
+    try:
+        check = subprocess.run([python, "-c", "import litellm.proxy.proxy_cli"], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return check.returncode == 0
 
 
 def litellm_config(log_dir: Path, mock_port: int) -> Path:
@@ -234,10 +242,10 @@ async def run_all(options: RunOptions, log: Log) -> list[SystemResult]:
         else:
             for server in options.servers:
                 systems.append(await _measure_gateway(server, options, env, api_key, log))
-        if litellm_available():
+        if litellm_available(options.litellm_python):
             systems.append(await _measure_litellm(options, mock_port, log))
         else:
-            log("LiteLLM's proxy is not importable here: its side-by-side run was skipped")
+            log(f"LiteLLM's proxy is not importable by {options.litellm_python}: its side-by-side run was skipped")
             systems.append(SystemResult("litellm", note="skipped: LiteLLM's proxy is not installed"))
     finally:
         mock.stop()
@@ -277,9 +285,10 @@ async def _measure_gateway(
 async def _measure_litellm(options: RunOptions, mock_port: int, log: Log) -> SystemResult:
     port = processes.free_port()
     config = litellm_config(options.log_dir, mock_port)
-    command = [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(config), "--port", str(port),
+    command = [options.litellm_python, "-m", "litellm.proxy.proxy_cli", "--config", str(config), "--port", str(port),
                "--host", "127.0.0.1", "--num_workers", "1"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # its price list from its package, not the internet
     child = processes.start("litellm", command, port=port, core=processes.GATEWAY_CORE, env=env,
                             log_dir=options.log_dir, cwd=ROOT)  # fmt: skip
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -14,6 +16,7 @@ import pytest
 from bench.load import StreamScanner, Target, run_load
 from bench.mock_upstream import MockSpec, MockUpstream, parse_spec, reply_text, spec_for
 from bench.report import verdict
+from bench.run import litellm_available
 from bench.scenarios import SCENARIOS, gateway_target, openai_target, select
 from bench.stats import distribution, percentile
 from chat.events import Done, Failed, Started, Token, sse_frame
@@ -228,3 +231,16 @@ async def test_verdicts_compare_the_gateway_with_the_direct_run(mock_url: str) -
     assert verdict(c1, direct, direct) == "pass"
     assert verdict(c1, slow, direct).startswith("FAIL: added p50")
     assert verdict(c1, None, direct) == "-"
+
+
+def test_litellm_is_found_in_the_interpreter_given_for_it_and_only_there(tmp_path: Path) -> None:
+    package = tmp_path / "site" / "litellm" / "proxy"
+    package.mkdir(parents=True)
+    for init in (package.parent / "__init__.py", package / "__init__.py", package / "proxy_cli.py"):
+        init.write_text("")
+    python = tmp_path / "python-with-litellm"  # another interpreter, as a virtualenv of LiteLLM's own would be
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={package.parent.parent} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+
+    assert litellm_available(str(python))
+    assert not litellm_available(str(tmp_path / "no-such-python"))
