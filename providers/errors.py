@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Mapping
 
+import aiohttp
 import httpx2
 
 from providers.base import (
@@ -82,13 +83,29 @@ def from_status(provider: str, status: int, message: str, headers: Mapping[str, 
     return ProviderBadRequest(provider, message, status=status)
 
 
+def aiohttp_cause(exc: BaseException) -> aiohttp.ClientError | None:
+    """The aiohttp error under an SDK or httpx error, if that is what it wraps.
+
+    With the SDKs' aiohttp transport, the SDK's error wraps httpx's, which wraps aiohttp's; the
+    transport maps every aiohttp connection error, a refused or a dropped connection included,
+    to httpx's ConnectTimeout, so only the innermost error tells a timeout from a broken connection.
+    """
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientError):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
 def from_transport(provider: str, exc: BaseException) -> ProviderError | None:
     """The provider error for a raw transport failure, or None when `exc` is not one."""
     if isinstance(exc, ProviderError):
         return exc
+    exc = aiohttp_cause(exc) or exc
     if isinstance(exc, httpx2.TimeoutException | asyncio.TimeoutError | TimeoutError):
         return ProviderTimeout(provider, f"timed out ({type(exc).__name__})")
-    if isinstance(exc, httpx2.TransportError | ConnectionError | OSError):
+    if isinstance(exc, httpx2.TransportError | ConnectionError | OSError | aiohttp.ClientError):
         return ProviderConnectionError(provider, f"connection failed ({type(exc).__name__})")
     try:
         import httpcore2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -24,15 +23,11 @@ from providers.base import (
     Start,
     Usage,
 )
-from providers.errors import from_status, from_transport
+from providers.errors import aiohttp_cause, from_status, from_transport
 
 logger = logging.getLogger(__name__)
 
 _DONE = b"[DONE]"
-# httpx's connection pool checks the socket of every idle connection each time a request starts
-# or ends, so its cost grows with the pool: at 64 concurrent calls that scan was a quarter of an
-# upstream call's CPU. Requests go round-robin over a few clients, each with its own pool.
-POOL_SHARDS = 8
 # An in-stream `{"error": ...}` frame has no HTTP status of its own: read one off its code or type.
 _ERROR_CODE_STATUS = {
     "rate_limit_exceeded": 429,
@@ -60,22 +55,21 @@ class OpenAIProvider:
 
     The SDK does transport, auth and status-error raising; the SSE body is parsed here with
     orjson (no SDK model object per chunk). SDK retries are off: the router retries.
+
+    The transport is the SDK's aiohttp one (`DefaultAioHttpClient`, the `openai[aiohttp]`
+    extra): httpx's own connection pool and HTTP/1.1 parser cost about twice its CPU per call
+    (bench/README.md).
     """
 
-    def __init__(self, *, name: str, api_key: str, base_url: str, timeout: float, shards: int = POOL_SHARDS) -> None:
+    def __init__(self, *, name: str, api_key: str, base_url: str, timeout: float) -> None:
         self.name = name
-        tls = httpx2.create_ssl_context()  # loading the CA bundle is the costly part of a client: once
-        self._clients = tuple(
-            openai.AsyncOpenAI(
-                api_key=api_key,
-                base_url=base_url,
-                max_retries=0,
-                timeout=timeout,
-                http_client=openai.DefaultAsyncHttpxClient(verify=tls),
-            )
-            for _ in range(max(1, shards))
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout,
+            http_client=openai.DefaultAioHttpClient(),
         )
-        self._next_client = itertools.cycle(self._clients).__next__
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
         """Start, Deltas, Usage (only when the upstream reported it), Finish; or a ProviderError."""
@@ -129,15 +123,14 @@ class OpenAIProvider:
     async def list_models(self) -> list[str]:
         """The model ids the upstream lists (a free call, used by the status probe)."""
         try:
-            page = await self._clients[0].models.list()
+            page = await self._client.models.list()
         except Exception as exc:
             raise self._map_error(exc) from exc
         return [model.id for model in page.data]
 
     async def aclose(self) -> None:
-        """Close every client's connection pool."""
-        for client in self._clients:
-            await client.close()
+        """Close the client's connection pool."""
+        await self._client.close()
 
     async def _open(self, request: ProviderRequest) -> httpx2.Response:
         """POST the chat completion and return the unread SSE response (a non-2xx raises the SDK's error).
@@ -148,7 +141,7 @@ class OpenAIProvider:
         (they are built here), a random idempotency key per call (the request id serves), and a
         model object per chunk.
         """
-        return await self._next_client().post(
+        return await self._client.post(
             "/chat/completions",
             cast_to=httpx2.Response,
             content=orjson.dumps(self._params(request)),
@@ -193,6 +186,8 @@ class OpenAIProvider:
 
     def _map_error(self, exc: Exception) -> ProviderError:
         """One ProviderError for whatever the SDK, the transport or the stream parser raised."""
+        if aiohttp_cause(exc) is not None:  # the transport's own error says timeout or broken connection
+            return from_transport(self.name, exc) or ProviderConnectionError(self.name, "connection failed")
         if isinstance(exc, openai.APIStatusError):
             message = _describe(exc.body, exc.message) if isinstance(exc.body, dict) else exc.message
             return from_status(self.name, exc.status_code, message, exc.response.headers)
