@@ -200,6 +200,30 @@ async def test_hang_past_first_token_timeout_retries_then_falls_back(scripted: d
     assert 0.6 <= elapsed < 3.0
 
 
+async def test_a_slow_reader_is_not_an_upstream_silence(scripted: dict[str, ScriptedProvider]) -> None:
+    """Only the waits for the upstream count against the idle timeout: time the caller takes
+    between events (a client reading slowly) does not, however long the stream."""
+    scripted["openai"].push(reply("one", " two", " three"))
+    events: list[Event] = []
+    with override_settings(STREAM_IDLE_TIMEOUT_SECONDS=0.2, FIRST_TOKEN_TIMEOUT_SECONDS=0.2):
+        async for event in Router().stream(route_request(await entry("gpt-4o-mini")), RouteTrace()):
+            events.append(event)
+            await asyncio.sleep(0.3)  # longer than both timeouts, between every two events
+
+    assert text_of(events) == "one two three" and isinstance(events[-1], Finish)
+
+
+async def test_an_outside_cancellation_stays_a_cancellation(scripted: dict[str, ScriptedProvider]) -> None:
+    scripted["openai"].default = hang()
+    with override_settings(FIRST_TOKEN_TIMEOUT_SECONDS=0.2, MAX_RETRY_ATTEMPTS=1):
+        task = asyncio.ensure_future(collect(Router(), route_request(await entry("gpt-4o-mini"))))
+        await asyncio.sleep(0.05)
+        task.cancel()  # the caller goes away before the upstream's first token is due
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert scripted["openai"].active == 0
+
+
 async def test_idle_stream_after_the_first_delta_is_an_error_without_fallback(
     scripted: dict[str, ScriptedProvider],
 ) -> None:
