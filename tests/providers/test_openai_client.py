@@ -396,3 +396,40 @@ async def test_calls_one_after_another_keep_one_connection_alive() -> None:
         server.close()
         await server.wait_closed()
     assert accepted == 1
+
+
+@pytest.mark.parametrize("framing", ["chunked", "until-close"])
+async def test_a_cut_right_behind_the_chunks_keeps_every_chunk_that_arrived(framing: str) -> None:
+    """The chunks and the cut arrive together (one write, then the connection ends): every chunk
+    the upstream sent is relayed — and so counted and billed — before the connection error."""
+    chunks = [
+        b'data: {"model":"m","choices":[{"delta":{"content":"t%d"},"finish_reason":null}]}\n\n' % i for i in range(3)
+    ]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if b"content-length:" in line.lower())
+        await reader.readexactly(length)
+        if framing == "chunked":  # a chunked body that never gets its last, empty chunk
+            body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + body
+            )
+        else:  # a body delimited by the end of the connection, which ends before [DONE]
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n" + b"".join(chunks)
+            )
+        writer.transport.abort()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = OpenAIProvider(name="openai", api_key="k", base_url=f"http://127.0.0.1:{port}/v1", timeout=5)
+    try:
+        for _ in range(20):  # the cut lands at another point of the client's reads from run to run
+            events, error = await collect(provider, make_request("hi"))
+            assert isinstance(error, ProviderConnectionError)
+            assert text_of(events) == "t0t1t2"
+    finally:
+        await provider.aclose()
+        server.close()
+        await server.wait_closed()
