@@ -110,82 +110,6 @@ def _as_provider_error(provider: str, exc: Exception) -> ProviderError:
     return ProviderUnavailable(provider, f"unexpected client error ({type(exc).__name__})")
 
 
-class _SilenceWatch:
-    """Times out the silences of one upstream stream: an async context around the whole stream.
-
-    Before each read the router arms the watch with that read's budget; after it, disarms it. One
-    timer is kept, at most, and re-armed lazily when it fires early, so arming is a float
-    assignment rather than a new timer per event (asyncio.timeout per read cost a timer each).
-    When the timer finds an armed watch past its budget, it cancels the task — which is waiting
-    in that read — and the context ends with the timeout's ProviderError (or DeadlineExceeded).
-    An outside cancellation in the meantime stays a cancellation, as with asyncio.timeout.
-    """
-
-    def __init__(self, provider: str, deadline_seconds: float) -> None:
-        self._provider = provider
-        self._deadline_seconds = deadline_seconds
-        self._loop = asyncio.get_running_loop()
-        self._expires_at = math.inf
-        self._handle: asyncio.TimerHandle | None = None
-        self._armed_for: tuple[str, float] = ("silent", 0.0)
-        self._expired: tuple[str, float] | None = None
-        self._task: asyncio.Task[object] | None = None
-        self._cancelling = 0
-
-    async def __aenter__(self) -> _SilenceWatch:
-        self._task = asyncio.current_task()
-        assert self._task is not None
-        self._cancelling = self._task.cancelling()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        assert self._task is not None
-        if (
-            self._expired is not None
-            and exc_type is asyncio.CancelledError
-            and self._task.uncancel() <= self._cancelling
-        ):
-            raise self._error(*self._expired) from None
-
-    def arm(self, budget: float, reason: str, limit: float) -> None:
-        """A read starts: it may take `budget` seconds; `reason` ("first", "silent" or "deadline")
-        and `limit` say what its timeout will be reported as."""
-        self._expires_at = self._loop.time() + budget
-        self._armed_for = (reason, limit)
-        if self._handle is not None and self._handle.when() <= self._expires_at:
-            return  # the timer fires earlier and re-arms itself for the rest
-        if self._handle is not None:
-            self._handle.cancel()
-        self._handle = self._loop.call_at(self._expires_at, self._check)
-
-    def disarm(self) -> None:
-        """The read ended (with an event, the end of the stream or an error)."""
-        self._expires_at = math.inf
-
-    def _error(self, reason: str, limit: float) -> ProviderError:
-        if reason == "deadline":
-            return DeadlineExceeded(
-                self._provider, f"request deadline of {self._deadline_seconds:g} s passed while streaming"
-            )
-        what = "no first token" if reason == "first" else "the stream went silent"
-        return ProviderTimeout(self._provider, f"{what} within {limit:g} s")
-
-    def _check(self) -> None:
-        self._handle = None
-        if self._expires_at == math.inf or self._expired is not None:
-            return  # not reading now: the next read arms it again
-        now = self._loop.time()
-        if now < self._expires_at:
-            self._handle = self._loop.call_at(self._expires_at, self._check)
-            return
-        assert self._task is not None
-        self._expired = self._armed_for
-        self._task.cancel()  # the task waits in the read now: the cancellation lands there
-
-
 class Router:
     """Routes a request across providers; `clock` and `sleep` are swappable for tests."""
 
@@ -369,39 +293,36 @@ class Router:
         stream: AsyncIterator[Event] | None = None
         try:
             try:
-                async with _SilenceWatch(entry.provider, cfg.deadline) as watch:
-                    stream = registry.get(entry.provider).stream(provider_request)
-                    committed, held = False, []
-                    while True:
-                        limit = cfg.idle_timeout if first_at is not None else cfg.first_token_timeout
-                        event = await self._next_event(stream, watch, plan, limit, first_at is None)
-                        if event is None:
-                            raise ProviderUnavailable(entry.provider, "the stream ended without a finish")
-                        if isinstance(event, Start) or (isinstance(event, Delta) and not event.text):
-                            continue
-                        if first_at is None:
-                            first_at = self._clock()
-                        if not committed and isinstance(event, Usage):
-                            held.append(event)
-                            continue
-                        if not committed:
-                            committed = True
-                            if isinstance(event, Delta):
-                                plan.trace.delivered = True
-                            yield Start(entry.provider, entry.name)
-                            for pending in held:
-                                yield pending
-                        if isinstance(event, Finish):
-                            verdict_given = True
-                            await self.circuit.record_success(entry.provider)
-                            await self.status.record_call(
-                                entry.provider, entry.name, ok=True, latency=first_at - started
-                            )
-                            for trailing in await self._drain(stream, entry, plan):
-                                yield trailing
-                            yield event
-                            return
+                stream = registry.get(entry.provider).stream(provider_request)
+                committed, held = False, []
+                while True:
+                    limit = cfg.idle_timeout if first_at is not None else cfg.first_token_timeout
+                    event = await self._next_event(stream, entry, plan, limit, first_at is None)
+                    if event is None:
+                        raise ProviderUnavailable(entry.provider, "the stream ended without a finish")
+                    if isinstance(event, Start) or (isinstance(event, Delta) and not event.text):
+                        continue
+                    if first_at is None:
+                        first_at = self._clock()
+                    if not committed and isinstance(event, Usage):
+                        held.append(event)
+                        continue
+                    if not committed:
+                        committed = True
+                        if isinstance(event, Delta):
+                            plan.trace.delivered = True
+                        yield Start(entry.provider, entry.name)
+                        for pending in held:
+                            yield pending
+                    if isinstance(event, Finish):
+                        verdict_given = True
+                        await self.circuit.record_success(entry.provider)
+                        await self.status.record_call(entry.provider, entry.name, ok=True, latency=first_at - started)
+                        for trailing in await self._drain(stream, entry, plan):
+                            yield trailing
                         yield event
+                        return
+                    yield event
             except ProviderError:
                 raise
             except Exception as exc:
@@ -417,36 +338,38 @@ class Router:
                 await self.circuit.release_probe(entry.provider)
 
     async def _next_event(
-        self, stream: AsyncIterator[Event], watch: _SilenceWatch, plan: _Plan, limit: float, first: bool
+        self, stream: AsyncIterator[Event], entry: CatalogEntry, plan: _Plan, limit: float, first: bool
     ) -> Event | None:
-        """The next upstream event, None at the end; a silence past `limit` (or past the request's
-        deadline) expires `watch`, which ends the stream with its error."""
+        """The next upstream event, None at the end; ProviderTimeout / DeadlineExceeded on silence."""
         remaining = plan.deadline - self._clock()
-        if remaining <= limit:
-            watch.arm(max(0.0, remaining), "deadline", limit)
-        else:
-            watch.arm(limit, "first" if first else "silent", limit)
+        budget = max(0.0, min(limit, remaining))
+        timer = asyncio.timeout(budget)
         try:
-            return await anext(stream)
+            async with timer:
+                return await anext(stream)
         except StopAsyncIteration:
             return None
-        finally:
-            watch.disarm()
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            if remaining <= limit:
+                raise DeadlineExceeded(
+                    entry.provider, f"request deadline of {plan.cfg.deadline:g} s passed while streaming"
+                ) from None
+            what = "no first token" if first else "the stream went silent"
+            raise ProviderTimeout(entry.provider, f"{what} within {limit:g} s") from None
 
     async def _drain(self, stream: AsyncIterator[Event], entry: CatalogEntry, plan: _Plan) -> list[Usage]:
         """Read the stream to its end after the Finish, so the upstream response completes cleanly
-        (its connection goes back to the pool); a Usage that came after the Finish is kept. The
-        answer is complete: a silence or an error here is logged and ignored."""
+        (its connection goes back to the pool); a Usage that came after the Finish is kept."""
         trailing: list[Usage] = []
         for _ in range(_MAX_TRAILING_EVENTS):
-            budget = max(0.0, min(plan.cfg.idle_timeout, 5.0, plan.deadline - self._clock()))
             try:
-                async with asyncio.timeout(budget):
-                    event = await anext(stream)
-            except StopAsyncIteration:
+                event = await self._next_event(stream, entry, plan, min(plan.cfg.idle_timeout, 5.0), False)
+            except ProviderError as exc:
+                logger.info("%s: error after the finish ignored: %s", entry.provider, exc)
                 break
-            except Exception as exc:
-                logger.info("%s: error after the finish ignored: %r", entry.provider, exc)
+            if event is None:
                 break
             if isinstance(event, Usage):
                 trailing.append(event)
