@@ -30,7 +30,7 @@ from providers.base import (
     Start,
     Usage,
 )
-from providers.errors import from_status, from_transport
+from providers.errors import aiohttp_cause, from_status, from_transport
 
 # Anthropic's stop reasons in the service's finish vocabulary.
 FINISH_REASONS = {
@@ -62,6 +62,8 @@ def map_error(provider: str, exc: BaseException) -> ProviderError:
     """The provider error for anything the SDK or its transport raised."""
     if isinstance(exc, ProviderError):
         return exc
+    if aiohttp_cause(exc) is not None:  # the transport's own error says timeout or broken connection
+        return from_transport(provider, exc) or ProviderConnectionError(provider, "connection failed")
     if isinstance(exc, anthropic.APIStatusError):
         message = exc.api_message or exc.message
         if exc.status_code >= 400:
@@ -140,11 +142,18 @@ class _Tally:
 
 
 class AnthropicProvider:
-    """Claude through `anthropic.AsyncAnthropic`: one client per instance, SDK retries off."""
+    """Claude through `anthropic.AsyncAnthropic`: one client per instance, SDK retries off, on the
+    SDK's aiohttp transport (`DefaultAioHttpClient`), as the OpenAI client is."""
 
     def __init__(self, *, name: str, api_key: str, base_url: str, timeout: float) -> None:
         self.name = name
-        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=timeout,
+            http_client=anthropic.DefaultAioHttpClient(),
+        )
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
         """Start, Deltas, Usage (when the upstream reported it), Finish; failures as ProviderError."""
