@@ -87,9 +87,36 @@ class ProviderRegistry:
         self._overrides[name] = provider
 
     def reset(self) -> None:
-        """Forget every client and override, so changed settings take effect."""
-        self._clients = weakref.WeakKeyDictionary()
+        """Forget every client and override, so changed settings take effect.
+
+        The forgotten clients' connection pools are closed on their own event loop where it
+        still runs or can run; a closed loop's pools went with it."""
+        dropped, self._clients = self._clients, weakref.WeakKeyDictionary()
         self._overrides.clear()
+        for loop, clients in list(dropped.items()):
+            _close_on(loop, list(clients.values()))
+
+
+async def _aclose_all(clients: list[Provider]) -> None:
+    for client in clients:
+        aclose = getattr(client, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _close_on(loop: asyncio.AbstractEventLoop, clients: list[Provider]) -> None:
+    if loop.is_closed() or not clients:
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        loop.create_task(_aclose_all(clients))
+    elif loop.is_running():
+        asyncio.run_coroutine_threadsafe(_aclose_all(clients), loop)
+    elif running is None:
+        loop.run_until_complete(_aclose_all(clients))
 
 
 registry = ProviderRegistry()

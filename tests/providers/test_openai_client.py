@@ -433,3 +433,16 @@ async def test_a_cut_right_behind_the_chunks_keeps_every_chunk_that_arrived(fram
         await provider.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_registry_reset_closes_the_clients_it_forgets(sandbox: SandboxState) -> None:
+    provider = registry.get("openai")
+    assert isinstance(provider, OpenAIProvider)
+    events, error = await collect(provider, make_request("hi [[tokens:2]]"))  # a pooled connection now
+    assert error is None and deltas(events)
+
+    registry.reset()
+    for _ in range(10):  # the close runs as a task of this loop
+        await asyncio.sleep(0)
+    assert provider._client.is_closed()
+    assert registry.get("openai") is not provider
