@@ -7,12 +7,15 @@ A provider whose API key is unset talks to the sandbox upstream at SANDBOX_URL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from dataclasses import dataclass
 
 from django.conf import settings
 
 from providers.base import Provider
+
+logger = logging.getLogger(__name__)
 
 SANDBOX_KEY = "sandbox-key"
 _SANDBOX_PATHS = {"openai": "/openai/v1", "deepseek": "/deepseek", "claude": "/anthropic", "gemini": "/gemini"}
@@ -97,6 +100,9 @@ class ProviderRegistry:
             _close_on(loop, list(clients.values()))
 
 
+_CLOSE_TIMEOUT_SECONDS = 5.0
+
+
 async def _aclose_all(clients: list[Provider]) -> None:
     for client in clients:
         aclose = getattr(client, "aclose", None)
@@ -113,8 +119,12 @@ def _close_on(loop: asyncio.AbstractEventLoop, clients: list[Provider]) -> None:
         running = None
     if running is loop:
         loop.create_task(_aclose_all(clients))
-    elif loop.is_running():
-        asyncio.run_coroutine_threadsafe(_aclose_all(clients), loop)
+    elif loop.is_running():  # another thread's loop (a server's): wait, boundedly, for the close
+        closing = asyncio.run_coroutine_threadsafe(_aclose_all(clients), loop)
+        try:
+            closing.result(timeout=_CLOSE_TIMEOUT_SECONDS)
+        except Exception:
+            logger.warning("closing the forgotten provider clients failed", exc_info=True)
     elif running is None:
         loop.run_until_complete(_aclose_all(clients))
 

@@ -144,6 +144,7 @@ def _service_server() -> Iterator[BackgroundServer]:
 
     server = BackgroundServer(application).start()
     yield server
+    registry.reset()  # closes the clients the server's loop opened, while it still runs
     server.stop()
 
 
