@@ -6,18 +6,21 @@ here instead: no thread hop and no GIL hand-off between a database thread and th
 ORM, and a handful of parameters (rows go as JSON), so psycopg caches the statement's parsing.
 
 Connections are opened from Django's DATABASES settings (the same database, user and
-adapters) in autocommit mode, and kept per event loop in a short list of idle ones. A call
-takes an idle connection or opens one, so a database that is down fails the call at once, as
-Django's own connections do; a connection that broke, or was left inside a transaction, is
-closed rather than kept, and after a connection error every idle one of that database is
-dropped (a restart ends them all). psycopg's errors come out as Django's (`django.db.Error`
-and its subclasses), so callers handle one family of exceptions whichever way a statement ran.
+adapters) in autocommit mode, at most MAX_CONNECTIONS at once per event loop, and the idle
+ones kept. A call takes an idle connection or opens one, so a database that is down fails the
+call at once, as Django's own connections do. One that sat idle for a second or more is
+checked first (as `chatservice.db` does), so a connection that died while idle costs no
+request; one that broke, or was left inside a transaction, is closed rather than kept, and
+after a connection error every idle one of that database is dropped (a restart ends them
+all). psycopg's errors come out as Django's (`django.db.Error` and its subclasses), so callers
+handle one family of exceptions whichever way a statement ran.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +29,8 @@ import psycopg
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg.pq import TransactionStatus
+
+from chatservice.db import HEALTH_CHECK_IDLE_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +73,8 @@ class AsyncStatements:
             pooled = self._loops[asyncio.get_running_loop()][key] = _Connections(self._max_connections)
         with database.wrap_database_errors:  # psycopg.OperationalError -> django.db.OperationalError, ...
             async with pooled.slot:
-                conn = pooled.idle.pop() if pooled.idle else None
-                if conn is None or conn.closed:
+                conn = await pooled.take()
+                if conn is None:
                     conn = await psycopg.AsyncConnection.connect(autocommit=True, **connect_kwargs)
                 try:
                     cursor = await conn.execute(sql, params)
@@ -84,7 +89,7 @@ class AsyncStatements:
         """Close this loop's idle connections."""
         for pooled in self._loops.pop(asyncio.get_running_loop(), {}).values():
             while pooled.idle:
-                await pooled.idle.pop().close()
+                await pooled.idle.pop()[0].close()
 
     def _connection_params(self, database: BaseDatabaseWrapper) -> tuple[dict[str, Any], _Key]:
         # Keyed on what names the database: tests (and an operator's settings change) may point
@@ -99,26 +104,53 @@ class AsyncStatements:
 
 
 class _Connections:
-    """One loop's connections to one database: at most `limit` in use, the idle ones kept."""
+    """One loop's connections to one database: at most `limit` in use, the idle ones kept with
+    the time they were last used."""
 
     def __init__(self, limit: int) -> None:
         self.slot = asyncio.Semaphore(limit)
-        self.idle: list[psycopg.AsyncConnection] = []
+        self.idle: list[tuple[psycopg.AsyncConnection, float]] = []
+
+    async def take(self) -> psycopg.AsyncConnection | None:
+        """The most recently used idle connection, None when there is none (or every one is dead).
+
+        As on the ORM path (`chatservice.db`), one that sat idle for HEALTH_CHECK_IDLE_SECONDS
+        or more is checked with a `SELECT 1` first, so a connection that died while idle (a
+        database restart, a proxy's idle timeout) costs no request; one used a moment ago is
+        as good as checked, and the busy path makes no extra round trip."""
+        while self.idle:
+            conn, last_used = self.idle.pop()
+            if conn.closed:
+                continue
+            if time.monotonic() - last_used < HEALTH_CHECK_IDLE_SECONDS:
+                return conn
+            try:
+                await conn.execute("SELECT 1")
+            except psycopg.Error:
+                self.drop_idle()  # one died while idle: so did the others
+                await _close_quietly(conn)
+                return None
+            return conn
+        return None
 
     async def release(self, conn: psycopg.AsyncConnection) -> None:
         """Keep a connection that is idle outside any transaction (an error such as a unique
         violation leaves it so in autocommit mode); close any other (broken, cancelled mid-statement)."""
         if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
-            self.idle.append(conn)
+            self.idle.append((conn, time.monotonic()))
             return
-        try:
-            await conn.close()
-        except Exception:  # closing a broken connection must not hide the statement's own error
-            logger.debug("closing a database connection failed", exc_info=True)
+        await _close_quietly(conn)
 
     def drop_idle(self) -> None:
         while self.idle:
-            self.idle.pop().pgconn.finish()  # no round trip: the server is likely gone
+            self.idle.pop()[0].pgconn.finish()  # no round trip: the server is likely gone
+
+
+async def _close_quietly(conn: psycopg.AsyncConnection) -> None:
+    try:
+        await conn.close()
+    except Exception:  # closing a broken connection must not hide the statement's own error
+        logger.debug("closing a database connection failed", exc_info=True)
 
 
 statements = AsyncStatements()

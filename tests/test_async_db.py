@@ -69,6 +69,18 @@ async def test_a_broken_connection_fails_its_statement_once_and_every_idle_one_i
     assert await backend_pid(db) == replaced
 
 
+async def test_a_connection_that_died_while_idle_is_checked_and_costs_no_request(
+    db: AsyncStatements, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid = await backend_pid(db)
+    await terminate(pid)  # a restart or a proxy's idle timeout while nothing was running
+    await asyncio.sleep(0.05)
+    monkeypatch.setattr("chatservice.async_db.HEALTH_CHECK_IDLE_SECONDS", 0.0)  # it counts as idle
+    replaced = await backend_pid(db)  # no error: the check found it dead and a fresh one served
+    assert replaced != pid
+    assert await backend_pid(db) == replaced
+
+
 async def test_a_database_that_is_down_fails_at_once(db: AsyncStatements) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
