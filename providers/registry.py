@@ -92,8 +92,8 @@ class ProviderRegistry:
     def reset(self) -> None:
         """Forget every client and override, so changed settings take effect.
 
-        The forgotten clients' connection pools are closed on their own event loop where it
-        still runs or can run; a closed loop's pools went with it."""
+        The forgotten clients' connection pools are closed on their own event loop while it
+        runs (this one, or a server's in another thread); a stopped loop's pools go with it."""
         dropped, self._clients = self._clients, weakref.WeakKeyDictionary()
         self._overrides.clear()
         for loop, clients in list(dropped.items()):
@@ -125,8 +125,6 @@ def _close_on(loop: asyncio.AbstractEventLoop, clients: list[Provider]) -> None:
             closing.result(timeout=_CLOSE_TIMEOUT_SECONDS)
         except Exception:
             logger.warning("closing the forgotten provider clients failed", exc_info=True)
-    elif running is None:
-        loop.run_until_complete(_aclose_all(clients))
 
 
 registry = ProviderRegistry()

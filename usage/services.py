@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from chat.models import Conversation, Message
@@ -96,7 +96,7 @@ def usage_settle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRe
 async def usage_asettle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRecord:
     """`usage_settle` from async code: on Postgres the one statement runs on the event loop, with
     no thread hop (`chatservice.async_db`); elsewhere `usage_settle` runs on the database threads."""
-    if outcome.reservation is None or not statements.available:
+    if outcome.reservation is None or not _settles_in_one_statement():
         return await db_async(usage_settle)(outcome=outcome, keep_exchange=keep_exchange)
     record, kept, actual_tokens = _ledger_parts(outcome, keep_exchange)
     await ledger_statement.awrite(
@@ -135,7 +135,7 @@ async def _usage_write_once(outcome: ChatOutcome) -> UsageRecord:
 
 
 def _settles_in_one_statement() -> bool:
-    return connection.vendor == "postgresql"
+    return statements.available
 
 
 def _usage_record(outcome: ChatOutcome) -> UsageRecord:
