@@ -83,6 +83,11 @@ class OpenAIProvider:
                 async for data in response.aiter_bytes():
                     lines = (pending + data).split(b"\n")
                     pending = lines.pop()
+                    # The text of every chunk in this read goes on as one Delta: a burst (an
+                    # upstream faster than this process, or a reply sent at once) costs one event
+                    # down the pipeline, not one per chunk; a paced stream still gets one per token.
+                    texts: list[str] = []
+                    failure: ProviderError | None = None
                     for line in lines:
                         if done or not line.startswith(b"data:"):
                             continue  # blank separators, `event:` / comment lines, anything after [DONE]
@@ -90,9 +95,14 @@ class OpenAIProvider:
                         if payload == _DONE:
                             done = True
                             continue
-                        chunk = orjson.loads(payload)
+                        try:
+                            chunk = orjson.loads(payload)
+                        except orjson.JSONDecodeError as exc:
+                            failure = ProviderUnavailable(self.name, f"malformed stream chunk: {exc}")
+                            break
                         if chunk.get("error"):
-                            raise self._stream_error(chunk["error"])
+                            failure = self._stream_error(chunk["error"])
+                            break
                         if not started:
                             started = True
                             yield Start(provider=self.name, model=chunk.get("model") or request.model)
@@ -103,11 +113,15 @@ class OpenAIProvider:
                             if delta:
                                 text = delta.get("content")
                                 if text:
-                                    yield Delta(text)
+                                    texts.append(text)
                             if choice.get("finish_reason"):
                                 finish = choice["finish_reason"]
                         if chunk.get("usage"):
                             usage = chunk["usage"]
+                    if texts:
+                        yield Delta(texts[0] if len(texts) == 1 else "".join(texts))
+                    if failure is not None:
+                        raise failure
             finally:
                 await response.aclose()
             if not done and finish is None:
@@ -196,8 +210,6 @@ class OpenAIProvider:
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__
             return ProviderConnectionError(self.name, f"connection failed ({type(cause or exc).__name__})")
-        if isinstance(exc, orjson.JSONDecodeError):
-            return ProviderUnavailable(self.name, f"malformed stream chunk: {exc}")
         mapped = from_transport(self.name, exc)
         if mapped is not None:
             return mapped

@@ -19,6 +19,19 @@ class Received:
     def names(self) -> list[str]:
         return [name for name, _ in self.events]
 
+    def shape(self) -> list[str]:
+        """The event names with each run of token events as one "token+" (how many tokens a
+        token event carries depends on how the upstream's chunks arrived); each has text."""
+        shape: list[str] = []
+        for name, data in self.events:
+            if name == "token":
+                assert data["delta"], self.events
+                if shape and shape[-1] == "token+":
+                    continue
+                name = "token+"
+            shape.append(name)
+        return shape
+
     def text(self) -> str:
         return "".join(data["delta"] for name, data in self.events if name == "token")
 

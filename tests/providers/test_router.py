@@ -35,7 +35,7 @@ from providers.models import LLMModel
 from providers.registry import registry
 from providers.router import Router, get_router
 from providers.routing_types import RouteTrace
-from providers.sandbox.faults import SandboxState
+from providers.sandbox.faults import SandboxState, reply_tokens
 from tests.providers.scripted import (
     FakeClock,
     ScriptedProvider,
@@ -497,7 +497,7 @@ async def test_sandbox_serves_with_the_real_client(live: SandboxState) -> None:
     trace = RouteTrace()
     events = await collect(Router(), route_request(await entry("gpt-4o-mini"), text="hi [[tokens:3]]"), trace)
     assert events[0] == Start("openai", "gpt-4o-mini")
-    assert len([e for e in events if isinstance(e, Delta)]) == 3
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "".join(reply_tokens("hi [[tokens:3]]", 3))
     assert isinstance(events[-2], Usage) and events[-2].input_tokens > 0
     assert isinstance(events[-1], Finish) and trace.attempts == 1
     assert chat_calls(live, "openai") == ["gpt-4o-mini"]
