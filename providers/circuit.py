@@ -4,6 +4,11 @@ A provider's circuit opens after CIRCUIT_FAILURE_THRESHOLD consecutive failures 
 open for CIRCUIT_COOLDOWN_SECONDS; then exactly one probe request is let through
 (half-open): its success closes the circuit, its failure opens it again. `SharedRedis`,
 also used by the status store, is the degrade-to-in-process link to Redis.
+
+A closed circuit is remembered for STATE_CACHE_SECONDS: requests in that window are let
+through without asking Redis, and a success resets nothing when no failure was counted.
+So a healthy provider costs no Redis command per request, a failure here is seen at once,
+and a circuit another process opened is seen within STATE_CACHE_SECONDS.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REDIS_RETRY_SECONDS = 30.0  # how long to stay in-process after Redis failed
+STATE_CACHE_SECONDS = 0.25  # how long a closed circuit is taken as read
 _KEY_TTL_SECONDS = 86_400
 
 
@@ -126,10 +132,15 @@ def _snapshot(failures: int, opened_until: float, probe_until: float, now: float
     return CircuitSnapshot("half_open", failures, opened_until, probe_until > now)
 
 
-# KEYS[1] the provider's hash; ARGV: now, probe lease end. Returns 0 denied, 1 allowed, 2 probe.
+# KEYS[1] the provider's hash; ARGV: now, probe lease end.
+# Returns 0 denied, 1 allowed (failures counted), 2 probe, 3 allowed (no failure counted).
+_DENIED, _ALLOWED, _PROBE, _CLEAR = 0, 1, 2, 3
 _ALLOW = """
 local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_until') or '0')
-if opened <= 0 then return 1 end
+if opened <= 0 then
+  if tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0 then return 1 end
+  return 3
+end
 local now = tonumber(ARGV[1])
 if now < opened then return 0 end
 local probe = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
@@ -163,6 +174,14 @@ class _LocalCircuit:
     probe_until: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class _Closed:
+    """A closed circuit as last read: whether it had failures counted, and until when to trust it."""
+
+    clear: bool
+    until: float
+
+
 class Circuit:
     """The breaker for every provider; `clock` is wall time so processes agree on it."""
 
@@ -177,6 +196,8 @@ class Circuit:
         self._redis = redis or SharedRedis()
         self._namespace = namespace
         self._local: dict[str, _LocalCircuit] = {}
+        self._closed: dict[str, _Closed] = {}
+        self._failures_seen: dict[str, int] = {}  # failures recorded here, per key: a read older than one is not kept
         self._lock = threading.Lock()
 
     def _key(self, provider: str) -> str:
@@ -201,7 +222,10 @@ class Circuit:
     async def allow(self, provider: str) -> Admission:
         """Whether a request may go to `provider` now; claims the half-open probe when it is free."""
         key, now = self._key(provider), self._clock()
+        if self._known_closed(key, now) is not None:
+            return Admission.ALLOWED
         lease_end = now + self._probe_lease()
+        failures_before = self._failures_seen.get(key, 0)
 
         async def remote(client: aioredis.Redis) -> int:
             return int(await client.register_script(_ALLOW)(keys=[key], args=[now, lease_end]))
@@ -210,18 +234,35 @@ class Circuit:
             with self._lock:
                 st = self._local_state(key)
                 if st.opened_until <= 0:
-                    return 1
+                    return _ALLOWED if st.failures else _CLEAR
                 if now < st.opened_until or st.probe_until > now:
-                    return 0
+                    return _DENIED
                 st.probe_until = lease_end
-                return 2
+                return _PROBE
 
         verdict = await self._redis.run(remote, local)
-        return {0: Admission.DENIED, 1: Admission.ALLOWED}.get(verdict, Admission.PROBE)
+        if verdict in (_ALLOWED, _CLEAR):
+            self._remember_closed(key, failures_before, clear=verdict == _CLEAR, now=now)
+            return Admission.ALLOWED
+        return Admission.DENIED if verdict == _DENIED else Admission.PROBE
+
+    def _remember_closed(self, key: str, failures_before: int, *, clear: bool, now: float) -> None:
+        """Keep a closed state read since `failures_before`, unless a failure was recorded meanwhile."""
+        if self._failures_seen.get(key, 0) == failures_before:
+            self._closed[key] = _Closed(clear=clear, until=now + STATE_CACHE_SECONDS)
+
+    def _known_closed(self, key: str, now: float) -> _Closed | None:
+        """The closed state read less than STATE_CACHE_SECONDS ago, if any."""
+        closed = self._closed.get(key)
+        return closed if closed is not None and now < closed.until else None
 
     async def record_success(self, provider: str) -> None:
         """The provider answered: close its circuit and forget its failures."""
-        key = self._key(provider)
+        key, now = self._key(provider), self._clock()
+        closed = self._known_closed(key, now)
+        if closed is not None and closed.clear:
+            return  # closed with no failure counted a moment ago: nothing to reset
+        failures_before = self._failures_seen.get(key, 0)
 
         async def remote(client: aioredis.Redis) -> None:
             await client.delete(key)
@@ -231,6 +272,7 @@ class Circuit:
                 self._local.pop(key, None)
 
         await self._redis.run(remote, local)
+        self._remember_closed(key, failures_before, clear=True, now=now)
 
     async def record_failure(self, provider: str) -> None:
         """One more consecutive failure; opens the circuit at the threshold or when a probe failed."""
@@ -251,6 +293,8 @@ class Circuit:
                     return True
                 return False
 
+        self._failures_seen[key] = self._failures_seen.get(key, 0) + 1
+        self._closed.pop(key, None)
         if await self._redis.run(remote, local):
             logger.warning("circuit opened for %s for %.0f s", provider, cooldown)
 

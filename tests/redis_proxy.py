@@ -10,10 +10,12 @@ from django.conf import settings
 
 class RedisProxy:
     """A loopback TCP forwarder to the test Redis that a test can cut and restore (a real outage),
-    or make hang: from `hung = True` on, what clients send is swallowed and never answered."""
+    or make hang: from `hung = True` on, what clients send is swallowed and never answered.
+    `sent` counts the reads that carried clients' commands (how many times they wrote to Redis)."""
 
     def __init__(self) -> None:
         self.hung = False
+        self.sent = 0
         parts = urlsplit(settings.REDIS_URL)
         self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
         self.db = parts.path.lstrip("/") or "0"
@@ -41,9 +43,10 @@ class RedisProxy:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers.update((writer, up_writer))
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, upstream: bool) -> None:
             try:
                 while data := await src.read(65536):
+                    self.sent += upstream
                     if self.hung:
                         continue
                     dst.write(data)
@@ -54,4 +57,4 @@ class RedisProxy:
                 dst.close()
                 self._writers.discard(dst)
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, upstream=True), pipe(up_reader, writer, upstream=False))

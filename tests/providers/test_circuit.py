@@ -13,7 +13,7 @@ from django.test import override_settings
 from chatservice.redis_bounds import REDIS_TIMEOUT_SECONDS
 from providers.base import AllProvidersFailed, ProviderUnavailable
 from providers.catalog import acatalog_entries
-from providers.circuit import Admission, Circuit, SharedRedis
+from providers.circuit import STATE_CACHE_SECONDS, Admission, Circuit, SharedRedis
 from providers.registry import registry
 from providers.router import Router
 from providers.routing_types import RouteTrace
@@ -132,6 +132,60 @@ async def test_state_is_shared_between_instances_over_redis() -> None:
     assert await first.allow("gemini") is Admission.ALLOWED
 
 
+async def test_a_circuit_another_process_opened_is_seen_within_the_cache_bound() -> None:
+    clock = FakeClock()
+    here, elsewhere = make_circuit("redis", clock), make_circuit("redis", clock)
+    assert await here.allow("openai") is Admission.ALLOWED
+    for _ in range(3):
+        await elsewhere.record_failure("openai")
+
+    clock.advance(STATE_CACHE_SECONDS * 0.9)
+    assert await here.allow("openai") is Admission.ALLOWED  # the closed state read a moment ago
+    clock.advance(STATE_CACHE_SECONDS * 0.1)
+    assert await here.allow("openai") is Admission.DENIED
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_failure_here_is_seen_at_once(backend: str) -> None:
+    clock = FakeClock()
+    circuit = make_circuit(backend, clock)
+    for _ in range(3):
+        assert await circuit.allow("openai") is Admission.ALLOWED
+        await circuit.record_failure("openai")
+    assert await circuit.allow("openai") is Admission.DENIED
+
+
+async def test_a_healthy_provider_costs_no_redis_command_per_request() -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    clock = FakeClock()
+    circuit = Circuit(clock=clock, redis=SharedRedis(proxy.url))
+    assert await circuit.allow("openai") is Admission.ALLOWED
+    await circuit.record_success("openai")
+    sent = proxy.sent
+
+    for _ in range(20):
+        assert await circuit.allow("openai") is Admission.ALLOWED
+        await circuit.record_success("openai")
+    assert proxy.sent == sent
+
+    clock.advance(STATE_CACHE_SECONDS)
+    assert await circuit.allow("openai") is Admission.ALLOWED
+    assert proxy.sent == sent + 1  # read again once the bound passed
+    await proxy.stop()
+
+
+async def test_a_success_still_resets_failures_counted_elsewhere() -> None:
+    clock = FakeClock()
+    here, elsewhere = make_circuit("redis", clock), make_circuit("redis", clock)
+    for _ in range(2):
+        await elsewhere.record_failure("openai")
+    assert await here.allow("openai") is Admission.ALLOWED
+    await here.record_success("openai")
+    await elsewhere.record_failure("openai")
+    assert (await here.snapshot("openai")).failures == 1
+
+
 async def test_in_process_state_is_not_shared() -> None:
     clock = FakeClock()
     first, second = make_circuit("in-process", clock), make_circuit("in-process", clock)
@@ -178,11 +232,13 @@ async def test_a_redis_that_hangs_is_waited_for_once_within_the_bound() -> None:
     proxy = RedisProxy()
     await proxy.start()
     shared = SharedRedis(proxy.url)
-    circuit = Circuit(clock=FakeClock(), redis=shared)
+    clock = FakeClock()
+    circuit = Circuit(clock=clock, redis=shared)
     assert await circuit.allow("openai") is Admission.ALLOWED
     assert not shared.degraded
 
     proxy.hung = True  # the connection stays open; no answer ever comes
+    clock.advance(STATE_CACHE_SECONDS)  # the closed state read above is no longer taken as read
     started = time.monotonic()
     verdict = await asyncio.wait_for(circuit.allow("openai"), timeout=REDIS_TIMEOUT_SECONDS * 5)
     assert verdict is Admission.ALLOWED and shared.degraded  # the in-process circuit answered
