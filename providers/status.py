@@ -1,15 +1,21 @@
 """Live model status: rolling latency and error rate per provider+model, shared through Redis.
 
 The router records every upstream attempt (`record_call`); `checkproviders` records probes
-(`record_check`). `model_status` turns them, the circuit and the catalog into the seed's
-LLMStatus: online, degraded, offline or maintenance.
+(`record_check`). Calls are sent to Redis together, at most FLUSH_SECONDS after they happen
+(one pipeline for all of an event loop's calls in that time rather than one round trip per
+request); a read in the same process sends its own pending calls first, and a loop that ends
+sends what it still holds. `model_status` turns them, the circuit and the catalog into the
+seed's LLMStatus: online, degraded, offline or maintenance.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +28,9 @@ from chatservice.errors import ServiceError, not_found
 from providers.catalog import CatalogEntry, acatalog_entries, resolve_model
 from providers.circuit import Circuit, SharedRedis, get_circuit, state_namespace
 
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.1  # how long a recorded call may wait to be sent with others
 WINDOW_SECONDS = 300.0  # the last five minutes...
 WINDOW_CALLS = 100  # ...or the last hundred calls, whichever is fewer
 DEGRADED_ERROR_RATE = 0.2
@@ -90,6 +99,13 @@ class StatusStore:
         self._calls: dict[str, deque[Sample]] = {}
         self._checks: dict[str, Check] = {}
         self._lock = threading.Lock()
+        self._pending: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[tuple[str, Sample]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._flushes: set[asyncio.Task[None]] = set()  # the timers that send pending calls
+        self._sending: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[asyncio.Future[None]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _calls_key(self, provider: str, model: str) -> str:
         return f"{self._namespace or state_namespace()}:status:calls:{provider}:{model}"
@@ -98,21 +114,64 @@ class StatusStore:
         return f"{self._namespace or state_namespace()}:status:check:{provider}"
 
     async def record_call(self, provider: str, model: str, *, ok: bool, latency: float) -> None:
-        """One upstream attempt's outcome and latency (seconds)."""
-        key, sample = self._calls_key(provider, model), Sample(self._clock(), max(0.0, latency), ok)
+        """One upstream attempt's outcome and latency (seconds); sent within FLUSH_SECONDS."""
+        call = (self._calls_key(provider, model), Sample(self._clock(), max(0.0, latency), ok))
+        if self._redis.client() is None:  # no Redis, or it is down for now: in process at once
+            self._keep([call])
+            return
+        loop = asyncio.get_running_loop()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            task = loop.create_task(self._send_soon())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        pending.append(call)
+
+    async def _send_soon(self) -> None:
+        try:
+            await asyncio.sleep(FLUSH_SECONDS)
+        finally:  # also when the loop is ending and cancels its tasks: what was recorded is sent
+            try:
+                await self.flush()
+            except Exception:
+                logger.exception("could not record provider calls")
+
+    async def flush(self) -> None:
+        """Send this event loop's pending calls now (and wait for those already on their way)."""
+        loop = asyncio.get_running_loop()
+        sending = list(self._sending.get(loop, ()))
+        calls = self._pending.pop(loop, None)
+        if calls:
+            sent = loop.create_future()
+            self._sending.setdefault(loop, set()).add(sent)
+            try:
+                await self._send(calls)
+            finally:
+                self._sending[loop].discard(sent)
+                sent.set_result(None)
+        if sending:
+            await asyncio.wait(sending)
+
+    async def _send(self, calls: list[tuple[str, Sample]]) -> None:
+        by_key: dict[str, list[str]] = {}
+        for key, sample in calls:
+            by_key.setdefault(key, []).append(sample.encode())
 
         async def remote(client: aioredis.Redis) -> None:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.lpush(key, sample.encode())
-                pipe.ltrim(key, 0, WINDOW_CALLS - 1)
-                pipe.expire(key, int(WINDOW_SECONDS * 2))
+            async with client.pipeline(transaction=False) as pipe:
+                for key, encoded in by_key.items():
+                    pipe.lpush(key, *encoded)  # the last call ends up first, as one LPUSH each would
+                    pipe.ltrim(key, 0, WINDOW_CALLS - 1)
+                    pipe.expire(key, int(WINDOW_SECONDS * 2))
                 await pipe.execute()
 
-        def local() -> None:
-            with self._lock:
-                self._calls.setdefault(key, deque(maxlen=WINDOW_CALLS)).appendleft(sample)
+        await self._redis.run(remote, lambda: self._keep(calls))
 
-        await self._redis.run(remote, local)
+    def _keep(self, calls: list[tuple[str, Sample]]) -> None:
+        with self._lock:
+            for key, sample in calls:
+                self._calls.setdefault(key, deque(maxlen=WINDOW_CALLS)).appendleft(sample)
 
     async def record_check(self, provider: str, *, ok: bool, latency: float, detail: str = "") -> None:
         """The result of a probe of the provider (`checkproviders`)."""
@@ -129,6 +188,7 @@ class StatusStore:
         await self._redis.run(remote, local)
 
     async def window(self, provider: str, model: str) -> WindowStats:
+        await self.flush()
         key, since = self._calls_key(provider, model), self._clock() - WINDOW_SECONDS
 
         async def remote(client: aioredis.Redis) -> list[Sample]:

@@ -22,7 +22,7 @@ from providers.registry import registry
 from providers.router import Router
 from providers.routing_types import RouteTrace
 from providers.sandbox.faults import SandboxState
-from providers.status import StatusStore, get_status_store, model_status
+from providers.status import FLUSH_SECONDS, StatusStore, get_status_store, model_status
 from providers.views import model_status_view
 from tests.providers.scripted import (
     ScriptedProvider,
@@ -33,6 +33,7 @@ from tests.providers.scripted import (
     reply,
     route_request,
 )
+from tests.redis_proxy import RedisProxy
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -112,8 +113,13 @@ async def test_status_is_shared_between_stores_over_redis() -> None:
     writer, reader = StatusStore(redis=SharedRedis()), StatusStore(redis=SharedRedis())
     await writer.record_call("gemini", "gemini-2.5-flash", ok=True, latency=0.4)
     await writer.record_call("gemini", "gemini-2.5-flash", ok=False, latency=0.2)
+    assert (await reader.window("gemini", "gemini-2.5-flash")).calls == 0  # not sent yet: within FLUSH_SECONDS
 
-    stats = await reader.window("gemini", "gemini-2.5-flash")
+    for _ in range(100):  # the writer's timer sends them; nothing else here does
+        await asyncio.sleep(FLUSH_SECONDS / 2)
+        stats = await reader.window("gemini", "gemini-2.5-flash")
+        if stats.calls:
+            break
 
     assert (stats.calls, stats.errors) == (2, 1)
     assert stats.response_time_avg == pytest.approx(0.3)
@@ -206,3 +212,35 @@ def test_checkproviders_against_the_sandbox_with_the_real_clients(sandbox: Sandb
     assert len(lines) == 4 and all(" online " in line and "(sandbox)" in line for line in lines), lines
     assert {r.provider for r in sandbox.calls()} == set(PROVIDERS)  # one model listing each
     assert all(r.status == 200 for r in sandbox.calls())
+
+
+async def test_calls_recorded_together_go_to_redis_together() -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    store, reader = StatusStore(redis=SharedRedis(proxy.url)), StatusStore(redis=SharedRedis())
+    assert (await store.window("openai", "gpt-4o")).calls == 0  # connected
+    before = proxy.sent
+
+    for i in range(50):
+        await store.record_call("openai", "gpt-4o", ok=i % 10 != 0, latency=0.05)
+    assert proxy.sent == before  # nothing sent on the request path
+    await store.flush()
+
+    assert proxy.sent - before < 5  # one pipeline, not a round trip per call
+    stats = await reader.window("openai", "gpt-4o")
+    assert (stats.calls, stats.errors) == (50, 5)
+    await proxy.stop()
+
+
+def test_calls_still_pending_when_the_loop_ends_are_sent() -> None:
+    store = StatusStore(redis=SharedRedis())
+
+    async def record() -> None:
+        await store.record_call("claude", "claude-haiku-4-5", ok=True, latency=0.3)
+
+    asyncio.run(record())  # ends long before FLUSH_SECONDS
+
+    async def read() -> int:
+        return (await StatusStore(redis=SharedRedis()).window("claude", "claude-haiku-4-5")).calls
+
+    assert asyncio.run(read()) == 1
