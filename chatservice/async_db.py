@@ -4,6 +4,10 @@ The ORM runs on a thread pool (`chatservice.db.db_async`). The two raw statement
 request makes on Postgres — the token reservation and the one-statement ledger write — run
 here instead: no thread hop and no GIL hand-off between a database thread and the loop, no
 ORM, and a handful of parameters (rows go as JSON), so psycopg caches the statement's parsing.
+Each statement is prepared on the server the first time a connection runs it
+(DB_PREPARED_STATEMENTS, on by default): Postgres parses and plans it once per connection, not
+once per request. Django leaves psycopg's prepared statements off, for poolers that do not keep
+them; Django's own connections keep that default.
 
 Connections are opened from Django's DATABASES settings (the same database, user and
 adapters) in autocommit mode, at most MAX_CONNECTIONS at once per event loop, and the idle
@@ -26,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from psycopg.pq import TransactionStatus
@@ -95,10 +100,15 @@ class AsyncStatements:
         # Keyed on what names the database: tests (and an operator's settings change) may point
         # the same alias elsewhere, and a connection must never serve another database.
         config = database.settings_dict
-        key = tuple(str(config.get(k)) for k in ("NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS"))
+        key = (
+            *(str(config.get(k)) for k in ("NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS")),
+            bool(settings.DB_PREPARED_STATEMENTS),
+        )
         params = self._params.get(key)
         if params is None:
             params = {k: v for k, v in database.get_connection_params().items() if k != "cursor_factory"}
+            if settings.DB_PREPARED_STATEMENTS:
+                params["prepare_threshold"] = 0  # prepared at the first execution on each connection
             self._params[key] = params
         return params, key
 

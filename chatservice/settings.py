@@ -100,6 +100,10 @@ DATABASES = {
 # in a transaction across an upstream call), health-checked before reuse.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# The statements on every request's path (chatservice/async_db.py) are prepared once per
+# connection. Turn off behind a pooler that does not keep prepared statements (PgBouncer
+# before 1.21, or without max_prepared_statements, in transaction mode).
+DB_PREPARED_STATEMENTS: bool = env.bool("DB_PREPARED_STATEMENTS", default=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL: str = env.str("REDIS_URL", default="")

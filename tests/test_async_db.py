@@ -13,6 +13,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.db import IntegrityError, OperationalError, connection, connections
 from django.forms.models import model_to_dict
+from django.test import override_settings
 
 from chatservice.async_db import AsyncStatements, statements
 from chatservice.db import db_async
@@ -51,6 +52,23 @@ async def test_no_more_than_the_limit_are_open_at_once_however_many_statements_r
     rows = await asyncio.gather(*(db.fetchone("SELECT pg_backend_pid(), pg_sleep(0.02)", {}) for _ in range(30)))
     pids = {row[0] for row in rows if row is not None}
     assert 1 <= len(pids) <= 3  # 30 statements, at most 3 connections, each kept for the next
+
+
+PREPARED = "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %(text)s"
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+async def test_statements_are_prepared_once_per_connection_unless_turned_off(
+    db: AsyncStatements, prepared: bool
+) -> None:
+    statement = "SELECT pg_backend_pid() /* prepared-or-not */"
+    with override_settings(DB_PREPARED_STATEMENTS=prepared):
+        pids = {(await db.fetchone(statement, {}) or (0,))[0] for _ in range(3)}
+        assert len(pids) == 1  # one connection ran it three times
+
+        row = await db.fetchone(PREPARED, {"text": "%prepared-or-not%"})
+
+    assert row is not None and row[0] == (1 if prepared else 0)
 
 
 async def test_a_broken_connection_fails_its_statement_once_and_every_idle_one_is_dropped(
