@@ -12,6 +12,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
+from chatservice import heap  # noqa: E402
 from chatservice.routing import http_routes, websocket_application  # noqa: E402
 
 django_route = re_path(r"", django_asgi_app)  # type: ignore[arg-type]
@@ -21,3 +22,5 @@ application = ProtocolTypeRouter(
         "websocket": websocket_application(),
     }
 )
+
+heap.settle()  # last: everything loaded so far is the startup heap

@@ -8,6 +8,7 @@ provider on the sandbox upstream.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from chatservice import heap
 from providers.sandbox.faults import SandboxState
 from tests.chat.clients import ws_chat
 from tests.sandbox_server import BackgroundServer
@@ -26,6 +28,7 @@ from usage.models import UsageRecord
 pytestmark = pytest.mark.django_db(transaction=True)
 
 VENV_BIN = str(Path(sys.executable).parent)
+ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_SECONDS = 10.0
 
 
@@ -70,3 +73,19 @@ def test_the_production_command_serves_health_chat_and_websocket_chat(
     assert transports == Counter({"rest": 1, "websocket": 1})
     assert len(sandbox.calls()) == 2
     assert production_server.proc.poll() is None, production_server.log_tail()
+
+
+def test_the_served_application_freezes_its_startup_heap() -> None:
+    """Loading the ASGI application (what uvicorn and daphne import) settles the collector:
+    the startup heap frozen out of its sight, young objects collected less often."""
+    probe = (
+        "import gc; before = gc.get_threshold()[0]; import chatservice.asgi; "
+        "print(before, gc.get_freeze_count(), gc.get_threshold()[0])"
+    )
+    env = {"DJANGO_SETTINGS_MODULE": "chatservice.settings", "SECRET_KEY": "s" * 60, "PATH": VENV_BIN}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    before, frozen, young = (int(v) for v in done.stdout.split())
+    assert before == 700 and young == heap.YOUNG_THRESHOLD
+    assert frozen > 100_000  # Django and the SDKs, out of every collection's way
