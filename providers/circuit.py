@@ -27,7 +27,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from django.conf import settings
 
-from chatservice.redis_bounds import REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS
+from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,9 +74,7 @@ class SharedRedis:
         cached = self._clients.get(loop)
         if cached is not None and cached[0] == url:
             return cached[1]
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS, decode_responses=True
-        )
+        client = aioredis.Redis.from_url(url, decode_responses=True, **CLIENT_OPTIONS)
         self._clients[loop] = (url, client)
         return client
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -58,3 +59,12 @@ class RedisProxy:
                 self._writers.discard(dst)
 
         await asyncio.gather(pipe(reader, up_writer, upstream=True), pipe(up_reader, writer, upstream=False))
+
+
+async def socket_timeouts(client: Any) -> tuple[float | None, float | None]:
+    """(socket_timeout, socket_connect_timeout) of a pooled connection of a redis.asyncio client."""
+    connection = await client.connection_pool.get_connection()
+    try:
+        return connection.socket_timeout, connection.socket_connect_timeout
+    finally:
+        await client.connection_pool.release(connection)

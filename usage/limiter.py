@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from accounts.principal import Principal
-from chatservice.redis_bounds import REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS
+from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,10 +170,7 @@ class _ClockedRedisStorage(RedisStorage):
     def __init__(self, uri: str, *, clock: Clock, key_prefix: str) -> None:
         # Fail fast and let the limiter degrade: no backoff, one retry for a stale pooled connection;
         # a slow answer is bounded by RequestLimiter._run (chatservice.redis_bounds).
-        options: dict[str, Any] = {
-            "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
-            "retry": Retry(NoBackoff(), 1),
-        }
+        options: dict[str, Any] = {**CLIENT_OPTIONS, "retry": Retry(NoBackoff(), 1)}
         super().__init__(uri, implementation="redispy", key_prefix=key_prefix, **options)
         self.clock = clock
         self._acquire_and_window: AsyncScript | None = None

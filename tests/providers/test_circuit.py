@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from django.test import override_settings
 
-from chatservice.redis_bounds import REDIS_TIMEOUT_SECONDS
+from chatservice.redis_bounds import REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_TIMEOUT_SECONDS
 from providers.base import AllProvidersFailed, ProviderUnavailable
 from providers.catalog import acatalog_entries
 from providers.circuit import STATE_CACHE_SECONDS, Admission, Circuit, SharedRedis
@@ -18,7 +18,7 @@ from providers.registry import registry
 from providers.router import Router
 from providers.routing_types import RouteTrace
 from tests.providers.scripted import FakeClock, ScriptedProvider, collect, fail, isolated_router_state, route_request
-from tests.redis_proxy import RedisProxy
+from tests.redis_proxy import RedisProxy, socket_timeouts
 
 BACKENDS = ["redis", "in-process"]
 
@@ -247,3 +247,13 @@ async def test_a_redis_that_hangs_is_waited_for_once_within_the_bound() -> None:
     await circuit.record_success("openai")
     assert time.monotonic() - started < REDIS_TIMEOUT_SECONDS  # degraded: Redis is not waited for again
     await proxy.stop()
+
+
+async def test_the_shared_state_has_no_per_command_socket_timeout() -> None:
+    """As for the limiter: a hung Redis is bounded per operation, not per command (see above)."""
+    shared = SharedRedis()
+    client = shared.client()
+    assert client is not None
+    assert await client.ping()
+    assert await socket_timeouts(client) == (None, REDIS_CONNECT_TIMEOUT_SECONDS)
+    await client.aclose()

@@ -13,8 +13,8 @@ import pytest
 from django.conf import settings
 
 from accounts.principal import Principal
-from chatservice.redis_bounds import REDIS_TIMEOUT_SECONDS
-from tests.redis_proxy import RedisProxy
+from chatservice.redis_bounds import REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_TIMEOUT_SECONDS
+from tests.redis_proxy import RedisProxy, socket_timeouts
 from usage.limiter import LimitState, RequestLimiter, limit_hit, limit_peek, request_limiter
 
 T0 = 1_900_000_000.0  # clock values keep <= 4 decimals: Redis stores window timestamps with 14 digits
@@ -277,4 +277,18 @@ async def test_limit_hit_and_peek_use_the_principal_and_the_settings(settings: o
     settings.REDIS_URL = ""  # type: ignore[attr-defined]
     assert request_limiter().redis_url == ""
     assert (await limit_hit(principal)).allowed  # a fresh in-process window
+    await limiter.aclose()
+
+
+async def test_the_shared_window_has_no_per_command_socket_timeout(
+    make_limiter: Callable[..., RequestLimiter],
+) -> None:
+    """redis-py 8 sets a 5 s socket_timeout by default, which wraps every command's write in a
+    task (asyncio.wait_for); the operation's own bound (REDIS_TIMEOUT_SECONDS) is what applies."""
+    limiter = make_limiter("redis")
+    assert (await limiter.hit(user_id=6, limit=10)).allowed
+    strategy = limiter._shared_strategy()
+    assert strategy is not None
+    client = strategy.storage.bridge.get_connection()  # type: ignore[attr-defined]
+    assert await socket_timeouts(client) == (None, REDIS_CONNECT_TIMEOUT_SECONDS)
     await limiter.aclose()
