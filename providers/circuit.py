@@ -255,7 +255,8 @@ class Circuit:
         return closed if closed is not None and now < closed.until else None
 
     async def record_success(self, provider: str) -> None:
-        """The provider answered: close its circuit and forget its failures."""
+        """The provider answered: close its circuit and forget its failures (nothing to do when
+        the circuit was read closed, with no failure counted, less than STATE_CACHE_SECONDS ago)."""
         key, now = self._key(provider), self._clock()
         closed = self._known_closed(key, now)
         if closed is not None and closed.clear:

@@ -88,4 +88,4 @@ def test_the_served_application_freezes_its_startup_heap() -> None:
     )
     before, frozen, young = (int(v) for v in done.stdout.split())
     assert before == 700 and young == heap.YOUNG_THRESHOLD
-    assert frozen > 100_000  # Django and the SDKs, out of every collection's way
+    assert frozen > 100_000  # what the application loaded, out of every collection's way
