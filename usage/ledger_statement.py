@@ -10,11 +10,13 @@ to completion whether or not the main statement reads it. Values go through each
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -48,27 +50,52 @@ def _dumps(obj: Any) -> str:
     return orjson.dumps(obj, default=_json).decode()
 
 
-def _row(obj: Model, fields: Sequence[Field[Any, Any]]) -> dict[str, Any]:
-    """An unsaved instance as `{column: value}`, each value prepared by its field as the ORM would."""
-    return {str(f.column): f.get_prep_value(f.pre_save(obj, add=True)) for f in fields}
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """One model's insert, worked out once: the SQL (its rows as one JSON parameter named `param`)
+    and, per column, how a value is read off an unsaved instance and prepared for the database."""
+
+    sql: str
+    columns: tuple[tuple[str, Callable[[Model], Any], Callable[[Any], Any]], ...]
+
+    def rows(self, objs: Sequence[Model]) -> list[dict[str, Any]]:
+        """The instances as `{column: value}`, each value prepared by its field as the ORM would."""
+        return [{column: prep(read(obj)) for column, read, prep in self.columns} for obj in objs]
+
+
+def _reader(field: Field[Any, Any]) -> Callable[[Model], Any]:
+    """The field's `pre_save(obj, add=True)`; a plain attribute read where the field keeps the base one."""
+    if type(field).pre_save is Field.pre_save:  # no auto_now or the like: pre_save is getattr(obj, attname)
+        return attrgetter(field.attname)
+    return lambda obj: field.pre_save(obj, add=True)
+
+
+@functools.cache
+def _table(model: type[Model], param: str) -> _Table:
+    """`INSERT INTO table (columns) SELECT columns FROM jsonb_populate_recordset(...)` for unsaved
+    instances of `model`: all their rows are ONE JSON parameter, so the statement's text and its
+    handful of parameters stay the same from one request to the next (it is prepared once per
+    connection), whatever the values. Postgres converts each JSON value with the column type's
+    own input function: a Decimal goes as its exact text, a UUID or a timestamp as its ISO form."""
+    opts = model._meta
+    quote = statements.database.ops.quote_name
+    fields = [f for f in opts.concrete_fields if not f.db_returning]  # the serial id comes from the database
+    names = ", ".join(quote(str(f.column)) for f in fields)
+    table = quote(opts.db_table)
+    return _Table(
+        sql=f"INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, %({param})s)",
+        columns=tuple((str(f.column), _reader(f), f.get_prep_value) for f in fields),
+    )
 
 
 def _insert(objs: Sequence[Model], param: str, params: dict[str, Any]) -> str:
-    """`INSERT INTO table (columns) SELECT columns FROM jsonb_populate_recordset(...)` for unsaved
-    instances of one model: all their rows are ONE JSON parameter, so the statement's text and
-    its handful of parameters stay the same from one request to the next (psycopg caches its
-    parsing), whatever the values. Postgres converts each JSON value with the column type's own
-    input function: a Decimal goes as its exact text, a UUID or a timestamp as its ISO form."""
-    opts = objs[0]._meta
-    quote = statements.database.ops.quote_name
-    fields = [f for f in opts.concrete_fields if not f.db_returning]  # the serial id comes from the database
-    params[param] = Jsonb([_row(obj, fields) for obj in objs], dumps=_dumps)
-    columns = ", ".join(quote(str(f.column)) for f in fields)
-    table = quote(opts.db_table)
-    return f"INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_populate_recordset(NULL::{table}, %({param})s)"
+    """The insert of `objs` (instances of one model); their rows go into `params[param]`."""
+    table = _table(type(objs[0]), param)
+    params[param] = Jsonb(table.rows(objs), dumps=_dumps)
+    return table.sql
 
 
-_SETTLE_CTES = [
+_SETTLE_CTES = (
     "held AS (DELETE FROM usage_tokenreservation WHERE id = %(reservation_id)s RETURNING tokens)",
     """day_row AS (
     INSERT INTO usage_dailytokenusage (user_id, day, used, reserved)
@@ -76,7 +103,23 @@ _SETTLE_CTES = [
     ON CONFLICT (user_id, day) DO UPDATE
         SET used = usage_dailytokenusage.used + EXCLUDED.used,
             reserved = usage_dailytokenusage.reserved - COALESCE((SELECT SUM(tokens) FROM held), 0))""",
-]
+)
+
+
+@functools.cache
+def _statement_sql(conversation: str) -> str:
+    """The statement's text for one of three shapes of `conversation`: "none", "created" or "touched"
+    (one text per shape, so each is prepared once per connection)."""
+    ctes = list(_SETTLE_CTES)
+    if conversation == "created":
+        ctes.append(f"conversation AS ({_table(Conversation, 'conversation').sql})")
+    elif conversation == "touched":
+        table = statements.database.ops.quote_name(Conversation._meta.db_table)
+        ctes.append(f"conversation AS (UPDATE {table} SET updated_at = %(touched_at)s WHERE id = %(conversation_id)s)")
+    if conversation != "none":
+        ctes.append(f"messages AS ({_table(Message, 'messages').sql})")
+    pk = statements.database.ops.quote_name(str(UsageRecord._meta.pk.column))
+    return f"WITH {', '.join(ctes)}\n{_table(UsageRecord, 'record').sql} RETURNING {pk}"
 
 
 def statement(
@@ -86,26 +129,23 @@ def statement(
     keep `conversation`; the statement returns the record's id."""
     if actual_tokens < 0:
         raise ValueError("actual_tokens must be >= 0")
-    quote = statements.database.ops.quote_name
     params: dict[str, Any] = {
         "reservation_id": reservation.id,
         "user_id": reservation.user_id,
         "day": reservation.day,
         "actual": actual_tokens,
     }
-    ctes = list(_SETTLE_CTES)
+    shape = "none"
     if conversation is not None:
         if conversation.created is not None:
-            ctes.append(f"conversation AS ({_insert([conversation.created], 'conversation', params)})")
+            shape = "created"
+            _insert([conversation.created], "conversation", params)
         else:
-            table = quote(Conversation._meta.db_table)
+            shape = "touched"
             params["conversation_id"], params["touched_at"] = conversation.conversation_id, conversation.touched_at
-            ctes.append(
-                f"conversation AS (UPDATE {table} SET updated_at = %(touched_at)s WHERE id = %(conversation_id)s)"
-            )
-        ctes.append(f"messages AS ({_insert(conversation.messages, 'messages', params)})")
-    pk = quote(str(UsageRecord._meta.pk.column))
-    return f"WITH {', '.join(ctes)}\n{_insert([record], 'record', params)} RETURNING {pk}", params
+        _insert(conversation.messages, "messages", params)
+    _insert([record], "record", params)
+    return _statement_sql(shape), params
 
 
 def _saved(record: UsageRecord, row: tuple[Any, ...] | None) -> None:
