@@ -31,7 +31,7 @@ from providers.base import (
     Start,
     Usage,
 )
-from providers.openai_client import OpenAIProvider
+from providers.openai_client import OpenAIProvider, _AioHttpClient
 from providers.registry import SANDBOX_KEY, registry
 from providers.sandbox.faults import DEFAULT_REPLY_TOKENS, SandboxState, count_prompt_tokens, reply_tokens
 from providers.sandbox.openai_wire import REASONING_TOKENS
@@ -140,6 +140,28 @@ async def test_deepseek_reasoner_keeps_reasoning_out_of_the_text(sandbox: Sandbo
     usage = next(e for e in events if isinstance(e, Usage))
     assert usage.output_tokens == 3 + REASONING_TOKENS
     assert events[-1] == Finish("stop")
+
+
+async def test_completions_go_to_the_base_urls_path(sandbox: SandboxState) -> None:
+    provider = registry.get("deepseek")
+    events, error = await collect(provider, make_request("hello", model="deepseek-chat"))
+    assert error is None and text_of(events)
+    assert [c.path for c in sandbox.calls()] == ["/deepseek/chat/completions"]
+
+
+async def test_the_http_client_parses_each_url_once_and_remembers_a_bounded_number() -> None:
+    client = _AioHttpClient()
+    try:
+        first = client.build_request("POST", "http://127.0.0.1:9/v1/chat/completions?x=1")
+        again = client.build_request("POST", "http://127.0.0.1:9/v1/chat/completions?x=1")
+        assert str(first.url) == str(again.url) == "http://127.0.0.1:9/v1/chat/completions?x=1"
+        assert first.url.params["x"] == "1" and first.headers["host"] == "127.0.0.1:9"
+        assert len(client._urls) == 1
+        for n in range(2 * _AioHttpClient.MAX_URLS):
+            assert str(client.build_request("GET", f"http://127.0.0.1:9/v1/models/{n}").url).endswith(f"/models/{n}")
+        assert len(client._urls) == _AioHttpClient.MAX_URLS
+    finally:
+        await client.aclose()
 
 
 async def test_list_models(sandbox: SandboxState) -> None:
