@@ -63,8 +63,13 @@ class _Catalog:
             self._loaded_at = time.monotonic()
         return self._entries
 
-    def is_fresh(self) -> bool:
-        return time.monotonic() - self._loaded_at <= _CACHE_SECONDS
+    def fresh(self) -> tuple[CatalogEntry, ...] | None:
+        """The entries if they are fresh, None if they are due for a re-read; never reads the database.
+
+        One look at the clock: the async path must not decide "fresh" and then read the entries
+        with `entries()`, which may find them stale a moment later and query from the event loop.
+        """
+        return self._entries if time.monotonic() - self._loaded_at <= _CACHE_SECONDS else None
 
     def invalidate(self) -> None:
         self._loaded_at = -1e9
@@ -78,8 +83,9 @@ def catalog_entries() -> tuple[CatalogEntry, ...]:
 
 
 async def acatalog_entries() -> tuple[CatalogEntry, ...]:
-    if catalog_cache.is_fresh():
-        return catalog_cache.entries()
+    entries = catalog_cache.fresh()
+    if entries is not None:
+        return entries
     return await db_async(catalog_cache.entries)()
 
 

@@ -213,3 +213,19 @@ def test_detects_code(text: str) -> None:
 @pytest.mark.parametrize("text", PROSE)
 def test_prose_is_not_code(text: str) -> None:
     assert not looks_like_code(text), code_score(text)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_catalog_is_never_read_from_the_event_loop_when_it_goes_stale_mid_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cache's age is looked at once: a cache that is fresh when the call looks, and stale a
+    moment later, is served as it is, never re-read with a query on the event loop (which Django
+    refuses with SynchronousOnlyOperation, a 500 under load)."""
+    loaded = await acatalog_entries()  # read and cached (the first read goes to a thread)
+    ages = iter([1.9])  # seconds since the read at the first look at the clock; 2.1 at any later one
+    read_at = catalog_cache._loaded_at
+    with monkeypatch.context() as patch:
+        patch.setattr("providers.catalog.time.monotonic", lambda: read_at + next(ages, 2.1))
+        served = await acatalog_entries()
+    assert served == loaded
