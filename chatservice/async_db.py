@@ -23,10 +23,11 @@ handle one family of exceptions whichever way a statement ran.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -69,10 +70,47 @@ class AsyncStatements:
         """True when the database is Postgres (elsewhere callers use the ORM on threads)."""
         return self.database.vendor == "postgresql"
 
-    async def fetchone(self, sql: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
-        """Run one statement (its own transaction) and return its first row, if any."""
+    async def fetchone(
+        self, sql: str, params: Mapping[str, Any], *, synchronous_commit: bool = True
+    ) -> tuple[Any, ...] | None:
+        """Run one statement (its own transaction) and return its first row, if any.
+
+        `synchronous_commit=False` runs it on connections whose commits do not wait for their
+        WAL flush (Postgres' `synchronous_commit = off`): the statement's effects are visible at
+        once and reach the disk within a few hundred milliseconds, or with the next synchronous
+        commit, whichever is first; a database crash in between loses them (and only them: WAL
+        is replayed in order). For state that may be lost in a database crash and nothing else.
+        """
+        async with self._connection(synchronous_commit) as conn:
+            cursor = await conn.execute(sql, params)
+            return await cursor.fetchone() if cursor.description is not None else None
+
+    async def fetchone_each(
+        self, sql: str, params: Sequence[Mapping[str, Any]], *, synchronous_commit: bool = True
+    ) -> list[tuple[Any, ...] | None]:
+        """Run `sql` once per parameter set, in order, in ONE transaction (one commit) sent as one
+        pipeline (one round trip), and return each run's first row. An error in any run rolls
+        back them all (and the connection, left inside the failed transaction, is closed)."""
+        async with self._connection(synchronous_commit) as conn:
+            if len(params) == 1:  # its own transaction already; a pipeline would cost more than it saves
+                cursor = await conn.execute(sql, params[0])
+                return [await cursor.fetchone() if cursor.description is not None else None]
+            cursor = conn.cursor()
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
+                await cursor.executemany(sql, params, returning=True)
+                await conn.execute("COMMIT")
+            rows: list[tuple[Any, ...] | None] = []
+            while True:
+                rows.append(await cursor.fetchone() if cursor.description is not None else None)
+                if not cursor.nextset():
+                    return rows
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, synchronous_commit: bool) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A connection of this loop's pool for the database (and commit mode), for one use."""
         database = self.database
-        connect_kwargs, key = self._connection_params(database)
+        connect_kwargs, key = self._connection_params(database, synchronous_commit)
         pooled = self._loops.setdefault(asyncio.get_running_loop(), {}).get(key)
         if pooled is None:
             pooled = self._loops[asyncio.get_running_loop()][key] = _Connections(self._max_connections)
@@ -82,8 +120,7 @@ class AsyncStatements:
                 if conn is None:
                     conn = await psycopg.AsyncConnection.connect(autocommit=True, **connect_kwargs)
                 try:
-                    cursor = await conn.execute(sql, params)
-                    return await cursor.fetchone() if cursor.description is not None else None
+                    yield conn
                 except psycopg.OperationalError:
                     pooled.drop_idle()  # a restart ended them all
                     raise
@@ -96,19 +133,24 @@ class AsyncStatements:
             while pooled.idle:
                 await pooled.idle.pop()[0].close()
 
-    def _connection_params(self, database: BaseDatabaseWrapper) -> tuple[dict[str, Any], _Key]:
+    def _connection_params(
+        self, database: BaseDatabaseWrapper, synchronous_commit: bool = True
+    ) -> tuple[dict[str, Any], _Key]:
         # Keyed on what names the database: tests (and an operator's settings change) may point
         # the same alias elsewhere, and a connection must never serve another database.
         config = database.settings_dict
         key = (
             *(str(config.get(k)) for k in ("NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS")),
             bool(settings.DB_PREPARED_STATEMENTS),
+            synchronous_commit,
         )
         params = self._params.get(key)
         if params is None:
             params = {k: v for k, v in database.get_connection_params().items() if k != "cursor_factory"}
             if settings.DB_PREPARED_STATEMENTS:
                 params["prepare_threshold"] = 0  # prepared at the first execution on each connection
+            if not synchronous_commit:
+                params["options"] = f"{params.get('options') or ''} -c synchronous_commit=off".strip()
             self._params[key] = params
         return params, key
 

@@ -71,6 +71,25 @@ async def test_statements_are_prepared_once_per_connection_unless_turned_off(
     assert row is not None and row[0] == (1 if prepared else 0)
 
 
+SYNCHRONOUS_COMMIT = (
+    "SELECT current_setting('synchronous_commit'), current_setting('application_name'), pg_backend_pid()"
+)
+
+
+async def test_statements_that_need_not_wait_for_the_disk_run_on_connections_of_their_own(
+    db: AsyncStatements,
+) -> None:
+    options = {**connection.settings_dict["OPTIONS"], "options": "-c application_name=ledger-test"}
+    db._database = type(connections["default"])({**connection.settings_dict, "OPTIONS": options}, "default")
+    durable = await db.fetchone(SYNCHRONOUS_COMMIT, {})
+    relaxed = await db.fetchone(SYNCHRONOUS_COMMIT, {}, synchronous_commit=False)
+    again = await db.fetchone(SYNCHRONOUS_COMMIT, {})
+    assert durable is not None and relaxed is not None and again is not None
+    assert durable[:2] == ("on", "ledger-test") and again == durable  # the durable connection is kept
+    assert relaxed[:2] == ("off", "ledger-test")  # the database's own options are kept too
+    assert relaxed[2] != durable[2]
+
+
 async def test_a_broken_connection_fails_its_statement_once_and_every_idle_one_is_dropped(
     db: AsyncStatements,
 ) -> None:

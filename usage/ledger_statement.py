@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from chat.models import Conversation, Message
 from chatservice.async_db import statements
+from chatservice.statement_batches import StatementBatches
 from usage.models import UsageRecord
 from usage.quotas import Reservation
 
@@ -171,8 +172,17 @@ def write(
 async def awrite(
     *, record: UsageRecord, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
 ) -> None:
-    """`write` from async code, on the event loop (`chatservice.async_db`): no thread hop."""
+    """`write` from async code, on the event loop (`chatservice.async_db`): no thread hop. The
+    writes of requests that end together go in one transaction (`chatservice.statement_batches`:
+    one round trip, one commit and one WAL flush for all of them; a write that fails there is
+    run again alone, so it fails alone)."""
     sql, params = statement(
         record=record, reservation=reservation, actual_tokens=actual_tokens, conversation=conversation
     )
-    _saved(record, await statements.fetchone(sql, params))
+    batches = _batches.get(sql)
+    if batches is None:
+        batches = _batches[sql] = StatementBatches(sql)
+    _saved(record, await batches.fetchone(params))
+
+
+_batches: dict[str, StatementBatches] = {}  # one per statement text (three shapes)

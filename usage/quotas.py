@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -25,6 +26,7 @@ from django.utils import timezone
 from chatservice.async_db import statements
 from chatservice.db import db_async
 from chatservice.errors import ServiceError
+from chatservice.statement_batches import StatementBatches
 from usage.models import DailyTokenUsage, TokenReservation
 
 _REAP_BATCH = 500
@@ -176,17 +178,40 @@ def token_reserve(*, user_id: int, limit: int, tokens: int, now: datetime | None
 
 async def token_areserve(*, user_id: int, limit: int, tokens: int) -> Reservation:
     """`token_reserve` from async code. On Postgres the common case, an admitted request, is the
-    one statement run on the event loop (`chatservice.async_db`: no thread hop); a refusal, and
-    every other database, goes through `token_reserve` on the database threads, which reaps
-    expired reservations, tries again and says why it refuses."""
+    one statement run on the event loop (`chatservice.async_db`: no thread hop), together with
+    the reservations of the other requests that arrived meanwhile (`_reservations`: one round
+    trip and one commit for a burst); a refusal, and every other database, goes through
+    `token_reserve` on the database threads, which reaps expired reservations, tries again and
+    says why it refuses.
+
+    The reservations commit without waiting for their WAL flush (`synchronous_commit` off for
+    them alone). Every request of a user updates that user's day row, and a commit that waits
+    for the disk holds the row's lock meanwhile, so concurrent requests of one user queued
+    behind each other's flushes. What it risks is narrow: a hold is admission state, not money.
+    The ledger statement that settles it commits synchronously, and WAL is replayed in order,
+    so a settled hold is always on disk; a database crash can lose only holds of requests still
+    in flight, whose settlement then adds their usage all the same (it returns only what it
+    finds held). Until those settle, the day's quota may admit up to their estimates more: the
+    same bound as a reservation reaped after its TTL."""
     if tokens < 0:
         raise ValueError("tokens must be >= 0")
     if statements.available:
         now = timezone.now()
         reservation = Reservation(id=uuid.uuid4(), user_id=user_id, day=now.date(), tokens=tokens)
-        if await statements.fetchone(_RESERVE_SQL, _reserve_params(reservation, limit=limit, now=now)) is not None:
+        if await _reservations.fetchone(_reserve_params(reservation, limit=limit, now=now)) is not None:
             return reservation
     return await db_async(token_reserve)(user_id=user_id, limit=limit, tokens=tokens)
+
+
+async def _release_abandoned(params: Mapping[str, Any], row: tuple[Any, ...] | None) -> None:
+    """A reservation whose request was cancelled while it was on its way goes back: the one it
+    made, or, when the statement was interrupted (`row` unknown), the one it may have made
+    (releasing a reservation that does not exist changes nothing)."""
+    reservation = Reservation(id=params["id"], user_id=params["user_id"], day=params["day"], tokens=params["tokens"])
+    await db_async(token_release)(reservation=reservation)
+
+
+_reservations = StatementBatches(_RESERVE_SQL, synchronous_commit=False, on_abandoned=_release_abandoned)
 
 
 def _refusal_state(*, user_id: int, day: date, now: datetime) -> tuple[int, int, bool]:

@@ -5,6 +5,7 @@ On Postgres the record and the settlement are one statement; these tests read th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -217,3 +218,39 @@ async def test_an_api_key_deleted_mid_request_still_gets_its_usage_recorded(user
 
     assert record.request_id == outcome.request_id and record.api_key_id is None
     assert await sync_to_async(_row)(user_id) == (42, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_requests_that_end_together_are_written_together_and_a_bad_write_fails_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twenty ledger writes at once on Postgres go in few transactions; the one whose API key
+    was deleted fails its batch, and is the only one recorded without its key and exchange."""
+    from channels.db import database_sync_to_async as sync_to_async
+
+    from chatservice.async_db import statements
+    from usage.services import usage_write
+
+    user, _ = await sync_to_async(user_get_or_create)(username="batch-user", plan_name="premium")
+    user_id = user.pk
+    batches: list[int] = []
+    fetchone_each = statements.fetchone_each
+
+    async def spy(sql: str, params: list, *, synchronous_commit: bool = True) -> list:
+        batches.append(len(params))
+        return await fetchone_each(sql, params, synchronous_commit=synchronous_commit)
+
+    monkeypatch.setattr(statements, "fetchone_each", spy)
+    reservations = [
+        await sync_to_async(token_reserve)(user_id=user_id, limit=10_000, tokens=100, now=NOON) for _ in range(20)
+    ]
+    outcomes = [_outcome(user_id, r, conversation_id=uuid.uuid4(), new_conversation=True) for r in reservations]
+    outcomes[7] = dataclasses.replace(outcomes[7], api_key_id=2_000_000_000)  # no such key (any more)
+
+    records = await asyncio.gather(*(usage_write(o) for o in outcomes))
+
+    assert [r.request_id for r in records] == [o.request_id for o in outcomes]
+    assert max(batches) >= 10 and len(batches) < 20  # mostly together; the failed batch then ran one by one
+    assert await sync_to_async(_row)(user_id) == (20 * 42, 0)  # every request's usage, nothing held
+    kept = await sync_to_async(lambda: set(Conversation.objects.filter(user_id=user_id).values_list("id", flat=True)))()
+    assert kept == {o.conversation_id for i, o in enumerate(outcomes) if i != 7}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -19,10 +20,11 @@ from django.conf import settings
 from django.db import connection, connections, transaction
 
 from accounts.services import user_get_or_create
+from chatservice.async_db import statements
 from chatservice.errors import ServiceError
 from usage.limiter import RequestLimiter
 from usage.models import DailyTokenUsage, TokenReservation
-from usage.quotas import Reservation, token_reserve, token_settle
+from usage.quotas import Reservation, _reservations, token_areserve, token_reserve, token_settle
 
 REPO = Path(__file__).resolve().parents[2]
 RESERVATIONS = 100
@@ -182,6 +184,44 @@ asyncio.run(main(json.loads(sys.argv[1])))
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_concurrent_reservations_on_the_event_loop_never_overrun_the_quota(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request path's reservations (sent in batches from the event loop, their commits not
+    waiting for the disk) keep the same guard: of 200 at once exactly those that fit are
+    admitted, and the day's row holds exactly their tokens, as every other connection sees it."""
+    user, _ = await asyncio.to_thread(user_get_or_create, username="loop-racer")
+    fits, tokens = 73, 11
+    batches: list[tuple[int, bool]] = []
+    fetchone_each = statements.fetchone_each
+
+    async def spy(sql: str, params: list, *, synchronous_commit: bool = True) -> list:
+        batches.append((len(params), synchronous_commit))
+        return await fetchone_each(sql, params, synchronous_commit=synchronous_commit)
+
+    monkeypatch.setattr(statements, "fetchone_each", spy)
+
+    async def reserve() -> Reservation | None:
+        try:
+            return await token_areserve(user_id=user.pk, limit=tokens * fits + tokens - 1, tokens=tokens)
+        except ServiceError as exc:
+            assert exc.code == "token_quota_exceeded"
+            return None
+
+    results = await asyncio.gather(*(reserve() for _ in range(200)))
+    admitted = [r for r in results if r is not None]
+    assert len(admitted) == fits
+    assert sum(size for size, _ in batches) == 200 and len(batches) < 200  # together, in batches
+    assert not any(synchronous for _, synchronous in batches)
+
+    def stored() -> tuple[int, int]:
+        row = DailyTokenUsage.objects.get(user_id=user.pk, day=admitted[0].day)
+        return row.reserved, TokenReservation.objects.filter(user_id=user.pk).count()
+
+    assert await asyncio.to_thread(stored) == (fits * tokens, fits)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_two_processes_share_the_hourly_limit_and_the_daily_quota(tmp_path: Path) -> None:
     hourly, _ = user_get_or_create(username="hourly-bound")
     daily, _ = user_get_or_create(username="quota-bound")
@@ -247,3 +287,39 @@ def _counts(user_id: int, day: datetime) -> tuple[int, int]:
     """(used, reserved) of the user's day; a day no reservation ever fitted has no row: (0, 0)."""
     row = DailyTokenUsage.objects.filter(user_id=user_id, day=day.date()).first()
     return (row.used, row.reserved) if row else (0, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_reservation_whose_request_left_while_it_was_on_its_way_is_given_back() -> None:
+    """The day row is held by another transaction, so the reservation waits in Postgres; the
+    request is cancelled meanwhile. When the reservation goes through, its tokens come back."""
+    user, _ = await asyncio.to_thread(user_get_or_create, username="quitter")
+    await token_areserve(user_id=user.pk, limit=1000, tokens=10)  # the day's row exists
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM usage_dailytokenusage WHERE user_id = %s FOR UPDATE", [user.pk])
+                locked.set()
+                release.wait(BARRIER_TIMEOUT)
+        finally:
+            connection.close()
+
+    holder = asyncio.create_task(asyncio.to_thread(hold_the_row))
+    await asyncio.to_thread(locked.wait, BARRIER_TIMEOUT)
+    request = asyncio.create_task(token_areserve(user_id=user.pk, limit=1000, tokens=25))
+    await asyncio.sleep(0.2)  # sent, and waiting for the row
+    request.cancel()
+    release.set()
+    await holder
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    await _reservations.drained()
+    assert request.cancelled()
+
+    def stored() -> tuple[int, int]:
+        row = DailyTokenUsage.objects.get(user_id=user.pk)
+        return row.reserved, TokenReservation.objects.filter(user_id=user.pk).count()
+
+    assert await asyncio.to_thread(stored) == (10, 1)  # only the first reservation is held

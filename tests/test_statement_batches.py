@@ -1,0 +1,105 @@
+"""Concurrent runs of one statement go to Postgres together, and each run's outcome stays its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from django.db import DataError
+
+from chatservice.async_db import statements
+from chatservice.batches import MAX_IN_FLIGHT
+from chatservice.statement_batches import StatementBatches
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SLOW = "SELECT 100 / %(d)s::int FROM pg_sleep(%(s)s)"
+
+
+class Sent:
+    """Counts the batches `statements.fetchone_each` is given (a spy: the real call still runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        real = statements.fetchone_each
+
+        async def spy(sql: str, params: list, *, synchronous_commit: bool = True) -> list:
+            self.sizes.append(len(params))
+            return await real(sql, params, synchronous_commit=synchronous_commit)
+
+        monkeypatch.setattr(statements, "fetchone_each", spy)
+
+
+async def test_runs_asked_for_together_go_in_few_batches_and_each_gets_its_own_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent = Sent(monkeypatch)
+    batches = StatementBatches("SELECT %(n)s::int * 2")
+    rows = await asyncio.gather(*(batches.fetchone({"n": n}) for n in range(100)))
+    assert rows == [(2 * n,) for n in range(100)]
+    # The first few go at once, each alone; the rest wait for one of them and go together.
+    assert sent.sizes[:MAX_IN_FLIGHT] == [1] * MAX_IN_FLIGHT and sum(sent.sizes) == 100
+    assert len(sent.sizes) <= 2 * MAX_IN_FLIGHT
+
+
+async def test_a_run_asked_for_alone_is_sent_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = Sent(monkeypatch)
+    batches = StatementBatches("SELECT %(n)s::int + 1")
+    assert await asyncio.wait_for(batches.fetchone({"n": 41}), timeout=5) == (42,)
+    assert sent.sizes == [1]
+
+
+async def test_a_run_that_fails_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = Sent(monkeypatch)
+    batches = StatementBatches(SLOW, max_in_flight=1)
+    first = asyncio.create_task(batches.fetchone({"d": 1, "s": 0.2}))  # on its way alone
+    await asyncio.sleep(0.05)
+    results = await asyncio.gather(
+        *(batches.fetchone({"d": d, "s": 0}) for d in (1, 2, 0, 4, 5)), return_exceptions=True
+    )
+    assert await first == (100,)
+    assert results[:2] == [(100,), (50,)] and results[3:] == [(25,), (20,)]
+    assert isinstance(results[2], DataError)  # Django's error, as from every other statement
+    with pytest.raises(DataError):
+        await batches.fetchone({"d": 0, "s": 0})  # a run alone raises its own error too
+    assert sent.sizes == [1, 5, 1]  # the batch of five failed as a whole, then ran one at a time
+
+
+async def test_a_run_whose_caller_left_while_it_waited_in_a_batch_is_handed_back_with_its_row() -> None:
+    abandoned: list[tuple[Mapping[str, Any], Any]] = []
+
+    async def undo(params: Mapping[str, Any], row: Any) -> None:
+        abandoned.append((dict(params), row))
+
+    batches = StatementBatches(SLOW, on_abandoned=undo, max_in_flight=1)
+    alone = asyncio.create_task(batches.fetchone({"d": 1, "s": 0.2}))
+    await asyncio.sleep(0.05)
+    leaving = asyncio.create_task(batches.fetchone({"d": 2, "s": 0.2}))
+    staying = asyncio.create_task(batches.fetchone({"d": 4, "s": 0.2}))
+    await asyncio.sleep(0.3)  # the first is done; the other two are on their way as one batch
+    leaving.cancel()
+    assert await alone == (100,) and await staying == (25,)
+    await batches.drained()
+    assert leaving.cancelled()
+    assert abandoned == [({"d": 2, "s": 0.2}, (50,))]
+
+
+async def test_a_run_whose_caller_left_while_sending_it_is_stopped_and_handed_back_unknown() -> None:
+    abandoned: list[tuple[Mapping[str, Any], Any]] = []
+
+    async def undo(params: Mapping[str, Any], row: Any) -> None:
+        abandoned.append((dict(params), row))
+
+    batches = StatementBatches(SLOW, on_abandoned=undo)
+    leaving = asyncio.create_task(batches.fetchone({"d": 1, "s": 5}))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert time.monotonic() - started < 2  # the statement was cancelled on the server, not waited for
+    await batches.drained()
+    assert abandoned == [({"d": 1, "s": 5}, None)]
