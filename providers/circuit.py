@@ -27,7 +27,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from django.conf import settings
 
-from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS
+from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS, command_slots
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,9 +52,9 @@ class SharedRedis:
     def __init__(self, url: str | None = None, *, retry_seconds: float = REDIS_RETRY_SECONDS) -> None:
         self._url = url
         self._retry_seconds = retry_seconds
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, aioredis.Redis]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[str, aioredis.Redis, asyncio.Semaphore]
+        ] = weakref.WeakKeyDictionary()
         self._down_until = 0.0
         self._outage_logged = False
 
@@ -67,22 +67,29 @@ class SharedRedis:
         return time.monotonic() < self._down_until
 
     def client(self) -> aioredis.Redis | None:
+        shared = self._client()
+        return shared[0] if shared is not None else None
+
+    def _client(self) -> tuple[aioredis.Redis, asyncio.Semaphore] | None:
+        """This loop's client and its command slots (chatservice.redis_bounds), None when not in use."""
         url = self.url
         if not url or self.degraded:
             return None
         loop = asyncio.get_running_loop()
         cached = self._clients.get(loop)
         if cached is not None and cached[0] == url:
-            return cached[1]
+            return cached[1], cached[2]
         client = aioredis.Redis.from_url(url, decode_responses=True, **CLIENT_OPTIONS)
-        self._clients[loop] = (url, client)
-        return client
+        slots = command_slots()
+        self._clients[loop] = (url, client, slots)
+        return client, slots
 
     async def run(self, remote: Callable[[aioredis.Redis], Awaitable[T]], local: Callable[[], T]) -> T:
-        client = self.client()
-        if client is not None:
+        shared = self._client()
+        if shared is not None:
+            client, slots = shared
             try:
-                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS), slots:
                     result = await remote(client)
             except REDIS_ERRORS as exc:
                 self._failed(exc)

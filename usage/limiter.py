@@ -22,7 +22,7 @@ import operator
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -35,9 +35,11 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from accounts.principal import Principal
-from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS
+from chatservice.batches import Batches
+from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS, command_slots
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,7 +167,12 @@ class _ClockedMemoryStorage(MemoryStorage):
 
 
 class _ClockedRedisStorage(RedisStorage):
-    """`limits`' Redis storage (redis-py client) whose moving-window scripts get their timestamp from `clock`."""
+    """`limits`' Redis storage (redis-py client) whose moving-window scripts get their timestamp from `clock`.
+
+    One per event loop. Its commands hold one of the client's command slots each
+    (`chatservice.redis_bounds`), and the hits of concurrent requests go to Redis together: one
+    pipeline of scripts per batch (`chatservice.batches`), one round trip for a burst.
+    """
 
     def __init__(self, uri: str, *, clock: Clock, key_prefix: str) -> None:
         # Fail fast and let the limiter degrade: no backoff, one retry for a stale pooled connection;
@@ -173,7 +180,9 @@ class _ClockedRedisStorage(RedisStorage):
         options: dict[str, Any] = {**CLIENT_OPTIONS, "retry": Retry(NoBackoff(), 1)}
         super().__init__(uri, implementation="redispy", key_prefix=key_prefix, **options)
         self.clock = clock
+        self.slots = command_slots()
         self._acquire_and_window: AsyncScript | None = None
+        self._hits: Batches[tuple[str, float, int, int], tuple[bool, float, int]] = Batches(self._send_hits)
 
     @property
     def _redispy(self) -> RedispyBridge:
@@ -181,29 +190,65 @@ class _ClockedRedisStorage(RedisStorage):
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         bridge = self._redispy
-        acquired = await bridge.lua_acquire_moving_window(
-            [bridge.prefixed_key(key)], [self.clock(), limit, expiry, amount]
-        )
+        async with self.slots:
+            acquired = await bridge.lua_acquire_moving_window(
+                [bridge.prefixed_key(key)], [self.clock(), limit, expiry, amount]
+            )
         return bool(acquired)
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         bridge = self._redispy
         now = self.clock()
-        window = await bridge.lua_moving_window([bridge.prefixed_key(key)], [now - expiry, limit])
+        async with self.slots:
+            window = await bridge.lua_moving_window([bridge.prefixed_key(key)], [now - expiry, limit])
         if window:
             return float(window[0]), int(window[1])
         return now, 0
 
+    async def clear(self, key: str) -> None:
+        async with self.slots:
+            await super().clear(key)
+
     async def acquire_and_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
-        """`acquire_entry` then `get_moving_window` in one script: one round trip per request."""
+        """`acquire_entry` then `get_moving_window` in one script, sent with the other requests' hits."""
+        return await self._hits.submit((key, self.clock(), limit, expiry))
+
+    async def _send_hits(
+        self, hits: Sequence[tuple[str, float, int, int]]
+    ) -> list[tuple[bool, float, int] | BaseException]:
+        """One pipeline (no MULTI) of the acquire-and-window script, one run per hit, in order."""
         bridge = self._redispy
+        client = cast(Redis, bridge.get_connection())
         script = self._acquire_and_window
         if script is None:
-            client = cast(Redis, bridge.get_connection())
             script = self._acquire_and_window = client.register_script(_ACQUIRE_AND_WINDOW)
-        now = self.clock()
-        acquired, oldest, count = await script([bridge.prefixed_key(key)], [now, limit, expiry])
-        return bool(acquired), float(oldest) if int(count) else now, int(count)
+        keys = [bridge.prefixed_key(key) for key, _, _, _ in hits]
+        async with self.slots:
+            if len(hits) == 1:  # alone: the script object sends it (and loads the script if Redis lost it)
+                _, now, limit, expiry = hits[0]
+                replies = [await script(keys, [now, limit, expiry])]
+            else:
+                replies = await self._pipeline(client, script, keys, hits)
+                if any(isinstance(reply, NoScriptError) for reply in replies):  # Redis restarted or lost its scripts
+                    await client.script_load(_ACQUIRE_AND_WINDOW)
+                    replies = await self._pipeline(client, script, keys, hits)  # a NOSCRIPT reply ran nothing
+        results: list[tuple[bool, float, int] | BaseException] = []
+        for (_, now, _, _), reply in zip(hits, replies, strict=True):
+            if isinstance(reply, BaseException):
+                results.append(reply)
+            else:
+                acquired, oldest, count = reply
+                results.append((bool(acquired), float(oldest) if int(count) else now, int(count)))
+        return results
+
+    @staticmethod
+    async def _pipeline(
+        client: Redis, script: AsyncScript, keys: list[str], hits: Sequence[tuple[str, float, int, int]]
+    ) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for key, (_, now, limit, expiry) in zip(keys, hits, strict=True):
+            pipe.evalsha(script.sha, 1, key, now, limit, expiry)
+        return await pipe.execute(raise_on_error=False)
 
     async def aclose(self) -> None:
         await self._redispy.storage.aclose()

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.test import override_settings
 
-from chatservice.redis_bounds import REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_TIMEOUT_SECONDS
+from chatservice.redis_bounds import MAX_CONNECTIONS, REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_TIMEOUT_SECONDS
 from providers.base import AllProvidersFailed, ProviderUnavailable
 from providers.catalog import acatalog_entries
 from providers.circuit import STATE_CACHE_SECONDS, Admission, Circuit, SharedRedis
@@ -256,4 +257,22 @@ async def test_the_shared_state_has_no_per_command_socket_timeout() -> None:
     assert client is not None
     assert await client.ping()
     assert await socket_timeouts(client) == (None, REDIS_CONNECT_TIMEOUT_SECONDS)
+    await client.aclose()
+
+
+async def test_a_burst_larger_than_the_connection_pool_stays_on_redis(_state: str) -> None:
+    """More concurrent operations than a pool has connections wait for one, rather than failing
+    with MaxConnectionsError and sending router state to the per-process fallback."""
+    shared = SharedRedis()
+    key = f"{_state}:burst"
+    burst = 4 * MAX_CONNECTIONS
+
+    async def incr(client: Any) -> int:
+        return int(await client.incr(key))
+
+    results = await asyncio.gather(*(shared.run(incr, lambda: -1) for _ in range(burst)))
+    assert sorted(results) == list(range(1, burst + 1)) and not shared.degraded
+    client = shared.client()
+    assert client is not None
+    await client.delete(key)
     await client.aclose()

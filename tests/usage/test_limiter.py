@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 
 from accounts.principal import Principal
-from chatservice.redis_bounds import REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_TIMEOUT_SECONDS
+from chatservice.redis_bounds import MAX_CONNECTIONS, REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_TIMEOUT_SECONDS
 from tests.redis_proxy import RedisProxy, socket_timeouts
 from usage.limiter import LimitState, RequestLimiter, limit_hit, limit_peek, request_limiter
 
@@ -291,4 +291,46 @@ async def test_the_shared_window_has_no_per_command_socket_timeout(
     assert strategy is not None
     client = strategy.storage.bridge.get_connection()  # type: ignore[attr-defined]
     assert await socket_timeouts(client) == (None, REDIS_CONNECT_TIMEOUT_SECONDS)
+    await limiter.aclose()
+
+
+async def test_a_burst_larger_than_the_connection_pool_is_counted_in_redis(
+    make_limiter: Callable[..., RequestLimiter], caplog: pytest.LogCaptureFixture
+) -> None:
+    """More concurrent hits than a pool has connections wait for one: none fails over to the
+    per-process window (redis-py raises MaxConnectionsError past the pool's size)."""
+    limiter = make_limiter("redis")
+    burst = 4 * MAX_CONNECTIONS
+    with caplog.at_level(logging.WARNING, logger="usage.limiter"):
+        states = await asyncio.gather(*(limiter.hit(user_id=8, limit=10 * burst) for _ in range(burst)))
+    assert all(state.allowed for state in states) and not limiter.degraded
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert sorted(state.used for state in states) == list(range(1, burst + 1))  # each hit saw the one before
+    assert (await limiter.peek(user_id=8, limit=10 * burst)).used == burst
+    await limiter.aclose()
+
+
+async def test_the_hits_of_concurrent_requests_go_to_redis_together(
+    make_limiter: Callable[..., RequestLimiter],
+) -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    limiter = make_limiter("redis", redis_url=proxy.url)
+    assert (await limiter.hit(user_id=12, limit=1000)).used == 1  # connects and loads the script
+    before = proxy.sent
+    states = await asyncio.gather(*(limiter.hit(user_id=12, limit=1000) for _ in range(200)))
+    assert sorted(state.used for state in states) == list(range(2, 202))
+    assert proxy.sent - before < 40  # 200 hits in a few pipelines, not 200 writes (one may span reads)
+    await limiter.aclose()
+    await proxy.stop()
+
+
+async def test_hits_still_count_after_redis_forgot_the_script(make_limiter: Callable[..., RequestLimiter]) -> None:
+    limiter = make_limiter("redis")
+    assert (await limiter.hit(user_id=13, limit=100)).used == 1
+    strategy = limiter._shared_strategy()
+    assert strategy is not None
+    await strategy.storage.bridge.get_connection().script_flush()  # type: ignore[attr-defined]
+    states = await asyncio.gather(*(limiter.hit(user_id=13, limit=100) for _ in range(10)))
+    assert sorted(state.used for state in states) == list(range(2, 12)) and not limiter.degraded
     await limiter.aclose()
