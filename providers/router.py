@@ -291,13 +291,14 @@ class Router:
         first_at: float | None = None
         verdict_given = False
         stream: AsyncIterator[Event] | None = None
+        watch = _SilenceWatch()
         try:
             try:
                 stream = registry.get(entry.provider).stream(provider_request)
                 committed, held = False, []
                 while True:
                     limit = cfg.idle_timeout if first_at is not None else cfg.first_token_timeout
-                    event = await self._next_event(stream, entry, plan, limit, first_at is None)
+                    event = await self._next_event(stream, entry, plan, limit, first_at is None, watch)
                     if event is None:
                         raise ProviderUnavailable(entry.provider, "the stream ended without a finish")
                     if isinstance(event, Start) or (isinstance(event, Delta) and not event.text):
@@ -318,7 +319,7 @@ class Router:
                         verdict_given = True
                         await self.circuit.record_success(entry.provider)
                         await self.status.record_call(entry.provider, entry.name, ok=True, latency=first_at - started)
-                        for trailing in await self._drain(stream, entry, plan):
+                        for trailing in await self._drain(stream, entry, plan, watch):
                             yield trailing
                         yield event
                         return
@@ -332,25 +333,30 @@ class Router:
             verdict_given = await self._record_error(entry, exc, latency)
             raise
         finally:
+            watch.close()
             if stream is not None:
                 await self._close(stream, entry.provider)
             if not verdict_given and admission is Admission.PROBE:
                 await self.circuit.release_probe(entry.provider)
 
     async def _next_event(
-        self, stream: AsyncIterator[Event], entry: CatalogEntry, plan: _Plan, limit: float, first: bool
+        self,
+        stream: AsyncIterator[Event],
+        entry: CatalogEntry,
+        plan: _Plan,
+        limit: float,
+        first: bool,
+        watch: _SilenceWatch,
     ) -> Event | None:
         """The next upstream event, None at the end; ProviderTimeout / DeadlineExceeded on silence."""
         remaining = plan.deadline - self._clock()
-        budget = max(0.0, min(limit, remaining))
-        timer = asyncio.timeout(budget)
+        watch.arm(max(0.0, min(limit, remaining)))
         try:
-            async with timer:
-                return await anext(stream)
+            return await anext(stream)
         except StopAsyncIteration:
             return None
-        except TimeoutError:
-            if not timer.expired():
+        except asyncio.CancelledError:
+            if not watch.expired():
                 raise
             if remaining <= limit:
                 raise DeadlineExceeded(
@@ -358,14 +364,18 @@ class Router:
                 ) from None
             what = "no first token" if first else "the stream went silent"
             raise ProviderTimeout(entry.provider, f"{what} within {limit:g} s") from None
+        finally:
+            watch.disarm()
 
-    async def _drain(self, stream: AsyncIterator[Event], entry: CatalogEntry, plan: _Plan) -> list[Usage]:
+    async def _drain(
+        self, stream: AsyncIterator[Event], entry: CatalogEntry, plan: _Plan, watch: _SilenceWatch
+    ) -> list[Usage]:
         """Read the stream to its end after the Finish, so the upstream response completes cleanly
         (its connection goes back to the pool); a Usage that came after the Finish is kept."""
         trailing: list[Usage] = []
         for _ in range(_MAX_TRAILING_EVENTS):
             try:
-                event = await self._next_event(stream, entry, plan, min(plan.cfg.idle_timeout, 5.0), False)
+                event = await self._next_event(stream, entry, plan, min(plan.cfg.idle_timeout, 5.0), False, watch)
             except ProviderError as exc:
                 logger.info("%s: error after the finish ignored: %s", entry.provider, exc)
                 break
@@ -405,6 +415,62 @@ class Router:
                 await aclose()
         except Exception:
             logger.warning("closing the %s stream failed", provider, exc_info=True)
+
+
+class _SilenceWatch:
+    """How long an upstream stream may stay silent: one timer per stream, not one per event.
+
+    `arm(budget)` before waiting for the next event, `disarm()` once it came (the time the
+    consumer then takes is not the upstream's silence). An `asyncio.timeout` per event cost
+    ~5 µs (a timer created and cancelled each time); here an event moves a deadline, and the
+    timer, when it fires, looks at the deadline: later (events came) it waits again, passed it
+    cancels the task, as `asyncio.timeout` would, and `expired()` tells that cancellation from
+    any other (whose pending count it leaves as it found it).
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
+        self._deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    def arm(self, budget: float) -> None:
+        self._deadline = deadline = self._loop.time() + budget
+        if self._handle is not None and self._handle.when() > deadline:  # a shorter limit than before
+            self._handle.cancel()
+            self._handle = None
+        if self._handle is None:
+            self._handle = self._loop.call_at(deadline, self._check)
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def expired(self) -> bool:
+        """True once for a cancellation this watch made (the caller then raises its timeout)."""
+        if not self._fired or self._task is None:
+            return False
+        self._fired = False
+        # Ours alone, unless the task was also cancelled from outside meanwhile: then that wins.
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        self._deadline = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        deadline = self._deadline
+        if deadline is None or self._task is None:
+            return  # not waiting for an event now: the next arm() sets a timer again
+        if self._loop.time() < deadline:
+            self._handle = self._loop.call_at(deadline, self._check)
+            return
+        self._fired = True
+        self._task.cancel()
 
 
 @functools.cache

@@ -630,3 +630,34 @@ async def test_sandbox_circuit_opens_and_stops_traffic(live: SandboxState) -> No
             with pytest.raises(AllProvidersFailed):
                 await collect(router, route_request(deepseek, text="x [[fail:503@deepseek]]"))
     assert len(chat_calls(live, "deepseek")) == 2
+
+
+async def _wait_under(watch_budgets: list[float], *, cancelled_from_outside: bool = False) -> tuple[str, float]:
+    """Arm a silence watch with each budget in turn (the last one is waited out) and say how it ended."""
+    from providers.router import _SilenceWatch
+
+    watch = _SilenceWatch()
+    for budget in watch_budgets[:-1]:
+        watch.arm(budget)
+        watch.disarm()
+    watch.arm(watch_budgets[-1])
+    if cancelled_from_outside:
+        asyncio.get_running_loop().call_soon(asyncio.current_task().cancel)  # type: ignore[union-attr]
+    started = time.monotonic()
+    try:
+        await asyncio.sleep(2)
+    except asyncio.CancelledError:
+        return ("silence" if watch.expired() else "cancelled"), time.monotonic() - started
+    finally:
+        watch.close()
+    return "event", time.monotonic() - started
+
+
+async def test_the_silence_watch_fires_at_the_latest_budget_even_a_shorter_one() -> None:
+    verdict, waited = await asyncio.create_task(_wait_under([30, 0.05]))
+    assert verdict == "silence" and waited < 1
+
+
+async def test_the_silence_watch_leaves_a_cancellation_from_outside_as_it_is() -> None:
+    verdict, _ = await asyncio.create_task(_wait_under([0], cancelled_from_outside=True))
+    assert verdict == "cancelled"
