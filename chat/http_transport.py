@@ -39,6 +39,21 @@ SSE_HEADERS = (
 )
 
 
+class Flag:
+    """`set()` and `is_set()`: an asyncio.Event used only as a flag, without the Event's waiter deque."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 @dataclass
 class Exchange:
     """One HTTP request/response on a chat endpoint."""
@@ -48,7 +63,7 @@ class Exchange:
     send: Send
     headers: dict[str, str] = field(init=False)
     request_id: uuid.UUID = field(init=False)
-    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    disconnected: Flag = field(default_factory=Flag)
 
     def __post_init__(self) -> None:
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope.get("headers", [])}

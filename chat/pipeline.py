@@ -22,6 +22,7 @@ from django.conf import settings
 
 from accounts.principal import Principal
 from chat.errors import error_for_provider_failure
+from chat.event_buffer import EventBuffer
 from chat.events import ChatEvent, Done, Failed, Started, Token
 from chat.filtering import screen
 from chat.prompt import build_prompt, exact_prompt
@@ -185,12 +186,22 @@ class ChatRun:
 
     def __init__(self, prepared: PreparedChat) -> None:
         self.prepared = prepared
-        self._queue: asyncio.Queue[ChatEvent | None] = asyncio.Queue(maxsize=settings.STREAM_BUFFER_EVENTS)
+        self._queue: EventBuffer[ChatEvent | None] = EventBuffer(settings.STREAM_BUFFER_EVENTS)
         self._task: asyncio.Task[None] | None = None
         self._cancel_code = "cancelled"
         self.record: UsageRecord | None = None
         self.finish_reason = "stop"
-        self.settled = asyncio.Event()
+        self._settled: asyncio.Event | None = None  # made when asked for (each Event holds a deque)
+        self._is_settled = False
+
+    @property
+    def settled(self) -> asyncio.Event:
+        """Set once the ledger write finished (or failed)."""
+        if self._settled is None:
+            self._settled = asyncio.Event()
+            if self._is_settled:
+                self._settled.set()
+        return self._settled
 
     def start(self) -> ChatRun:
         if self._task is None:
@@ -287,7 +298,9 @@ class ChatRun:
             except Exception:
                 logger.exception("could not settle the request", extra={"request_id": str(prepared.request_id)})
             finally:
-                self.settled.set()
+                self._is_settled = True
+                if self._settled is not None:
+                    self._settled.set()
         if cancelled:
             with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(None)
