@@ -223,7 +223,9 @@ class _ClockedRedisStorage(RedisStorage):
         if script is None:
             script = self._acquire_and_window = client.register_script(_ACQUIRE_AND_WINDOW)
         keys = [bridge.prefixed_key(key) for key, _, _, _ in hits]
-        async with self.slots:
+        # Bounded as each caller's wait is (RequestLimiter._run): a batch on a connection that hung
+        # must end, or it would hold its slot and its place among the batches in flight for good.
+        async with asyncio.timeout(REDIS_TIMEOUT_SECONDS), self.slots:
             if len(hits) == 1:  # alone: the script object sends it (and loads the script if Redis lost it)
                 _, now, limit, expiry = hits[0]
                 replies = [await script(keys, [now, limit, expiry])]

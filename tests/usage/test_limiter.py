@@ -334,3 +334,32 @@ async def test_hits_still_count_after_redis_forgot_the_script(make_limiter: Call
     states = await asyncio.gather(*(limiter.hit(user_id=13, limit=100) for _ in range(10)))
     assert sorted(state.used for state in states) == list(range(2, 12)) and not limiter.degraded
     await limiter.aclose()
+
+
+async def test_hits_sent_while_redis_hung_do_not_keep_it_from_being_used_again(
+    make_limiter: Callable[..., RequestLimiter],
+) -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    limiter = make_limiter("redis", redis_url=proxy.url, probe_interval=0)
+    assert (await limiter.hit(user_id=15, limit=100)).allowed
+    strategy = limiter._shared_strategy()
+    assert strategy is not None
+
+    proxy.hung = True  # everything sent from now on is swallowed, never answered
+
+    async def wave(delay: float) -> list[LimitState]:
+        await asyncio.sleep(delay)
+        return await asyncio.gather(*(limiter.hit(user_id=15, limit=100) for _ in range(12)))
+
+    # The second wave is still waiting when the first gives up, so it goes out as a batch, into the hang.
+    first, second = await asyncio.gather(wave(0), wave(REDIS_TIMEOUT_SECONDS / 2))
+    assert all(s.allowed for s in first + second) and limiter.degraded  # counted per process meanwhile
+
+    proxy.hung = False
+    # The batch sent into the hang gives up within the bound too (it holds a connection meanwhile).
+    await asyncio.wait_for(strategy.storage._hits.drained(), timeout=REDIS_TIMEOUT_SECONDS * 2)  # type: ignore[attr-defined]
+    assert (await asyncio.wait_for(limiter.hit(user_id=15, limit=100), timeout=REDIS_TIMEOUT_SECONDS * 2)).allowed
+    assert not limiter.degraded  # Redis counts again
+    await limiter.aclose()
+    await proxy.stop()
