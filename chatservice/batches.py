@@ -1,11 +1,11 @@
 """Concurrent calls of one operation on one event loop, sent on together as batches.
 
-A caller submits one item and gets that item's result. While a batch is on its way, the items
-submitted meanwhile wait and go together as the next batch, so batches are as large as the
-traffic makes them: one item when a request comes alone (no added wait), hundreds when a burst
-comes at once. Up to `max_in_flight` sends per event loop are on their way at once; while fewer
-are and nothing waits, an item is sent at once by its own caller (no hop to a sender task and
-back, which costs a turn of a busy event loop each way).
+A caller submits one item and gets that item's result. Up to `max_in_flight` sends per event
+loop are on their way at once: while fewer are and nothing waits, an item is sent at once, alone,
+by its own caller (no hop to a sender task and back, which costs a turn of a busy event loop each
+way). The items submitted while all are out wait, and go together as the next batch when one
+comes back, so batches are as large as the traffic makes them: none when requests come one by
+one, hundreds when a burst comes at once.
 
 Why: under load an event loop takes a while to come back to each finished round trip, so a
 pool of N connections serves at most N round trips per loop turn; a burst of 500 requests spent
@@ -34,7 +34,7 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 MAX_BATCH = 256  # items per batch; more wait for the next one
-MAX_IN_FLIGHT = 4  # batches on their way at once per event loop
+MAX_IN_FLIGHT = 4  # sends (single items or batches) on their way at once per event loop
 
 
 class Batches(Generic[Item, Result]):
