@@ -10,7 +10,7 @@ CLIENT_OPTIONS, which turn it off explicitly.
 A redis.asyncio connection pool holds at most `max_connections` connections (redis-py 8: 100 by
 default) and raises MaxConnectionsError, a ConnectionError, for the next command: a burst of
 more concurrent operations than that would read as "Redis is down" and send every Redis user to
-its per-process fallback. Each client is therefore paired with `CommandSlots`: at most
+its per-process fallback. Each client is therefore paired with `command_slots()`: at most
 MAX_CONNECTIONS operations at once per client and event loop, the rest wait their turn (within
 the same per-operation timeout), so a burst opens a bounded number of connections and none fails.
 """

@@ -330,9 +330,15 @@ async def test_hits_still_count_after_redis_forgot_the_script(make_limiter: Call
     assert (await limiter.hit(user_id=13, limit=100)).used == 1
     strategy = limiter._shared_strategy()
     assert strategy is not None
-    await strategy.storage.bridge.get_connection().script_flush()  # type: ignore[attr-defined]
-    states = await asyncio.gather(*(limiter.hit(user_id=13, limit=100) for _ in range(10)))
-    assert sorted(state.used for state in states) == list(range(2, 12)) and not limiter.degraded
+    storage = strategy.storage
+    await storage.bridge.get_connection().script_flush()  # type: ignore[attr-defined]
+    # A batch of several hits is one pipeline of EVALSHA: each gets NOSCRIPT, and all are sent again.
+    key = "requests/user/13"
+    batch = await storage._send_hits([(key, T0, 100, 3600)] * 3)  # type: ignore[attr-defined]
+    assert [(acquired, count) for acquired, _, count in batch] == [(True, 2), (True, 3), (True, 4)]
+    await storage.bridge.get_connection().script_flush()  # type: ignore[attr-defined]
+    states = await asyncio.gather(*(limiter.hit(user_id=13, limit=100) for _ in range(10)))  # alone, then batched
+    assert sorted(state.used for state in states) == list(range(5, 15)) and not limiter.degraded
     await limiter.aclose()
 
 
