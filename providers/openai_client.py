@@ -50,6 +50,25 @@ _ERROR_TYPE_STATUS = {
 }
 
 
+# The SDK's telemetry headers (its platform, runtime and retry bookkeeping, for OpenAI's SDK
+# statistics), omitted from every request. The API needs none of them; each costs a header built,
+# copied and written per call, and kept with the request for as long as it streams.
+_NO_TELEMETRY: dict[str, str | openai.Omit] = dict.fromkeys(
+    (
+        "X-Stainless-Lang",
+        "X-Stainless-Package-Version",
+        "X-Stainless-OS",
+        "X-Stainless-Arch",
+        "X-Stainless-Runtime",
+        "X-Stainless-Runtime-Version",
+        "X-Stainless-Async",
+        "X-Stainless-Retry-Count",
+        "X-Stainless-Read-Timeout",
+    ),
+    openai.omit,
+)
+
+
 class _AioHttpClient(openai.DefaultAioHttpClient):
     """The SDK's aiohttp client (`DefaultAioHttpClient`), remembering the URLs it parsed.
 
@@ -99,9 +118,7 @@ class OpenAIProvider:
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
         """Start, Deltas, Usage (only when the upstream reported it), Finish; or a ProviderError."""
-        finish: str | None = None
-        usage: Mapping[str, Any] | None = None
-        started = done = False
+        state = _StreamState()
         pending = b""
         try:
             response = await self._open(request)
@@ -112,53 +129,61 @@ class OpenAIProvider:
                     # The text of every chunk in this read goes on as one Delta: a burst (an
                     # upstream faster than this process, or a reply sent at once) costs one event
                     # down the pipeline, not one per chunk; a paced stream still gets one per token.
-                    texts: list[str] = []
-                    failure: ProviderError | None = None
-                    for line in lines:
-                        if done or not line.startswith(b"data:"):
-                            continue  # blank separators, `event:` / comment lines, anything after [DONE]
-                        payload = line[5:].strip()
-                        if payload == _DONE:
-                            done = True
-                            continue
-                        try:
-                            chunk = orjson.loads(payload)
-                        except orjson.JSONDecodeError as exc:
-                            failure = ProviderUnavailable(self.name, f"malformed stream chunk: {exc}")
-                            break
-                        if chunk.get("error"):
-                            failure = self._stream_error(chunk["error"])
-                            break
-                        if not started:
-                            started = True
-                            yield Start(provider=self.name, model=chunk.get("model") or request.model)
-                        choices = chunk.get("choices")
-                        if choices:
-                            choice = choices[0]
-                            delta = choice.get("delta")
-                            if delta:
-                                text = delta.get("content")
-                                if text:
-                                    texts.append(text)
-                            if choice.get("finish_reason"):
-                                finish = choice["finish_reason"]
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                    if texts:
-                        yield Delta(texts[0] if len(texts) == 1 else "".join(texts))
+                    # The chunks are parsed in a call of their own, so none of their objects stay
+                    # alive while this stream waits for its next read (500 open streams, 500 of each).
+                    model, text, failure = self._read(lines, state)
+                    if model is not None:
+                        yield Start(provider=self.name, model=model or request.model)
+                    if text:
+                        yield Delta(text)
                     if failure is not None:
                         raise failure
             finally:
                 await response.aclose()
-            if not done and finish is None:
+            if not state.done and state.finish is None:
                 raise ProviderConnectionError(self.name, "the stream ended before its last chunk")
         except ProviderError:
             raise
         except Exception as exc:
             raise self._map_error(exc) from exc
-        if usage is not None:
-            yield self._usage(usage)
-        yield Finish(finish or "stop")
+        if state.usage is not None:
+            yield self._usage(state.usage)
+        yield Finish(state.finish or "stop")
+
+    def _read(self, lines: list[bytes], state: _StreamState) -> tuple[str | None, str, ProviderError | None]:
+        """Parse one read's `data:` lines into `state`: the model when this read holds the first
+        chunk (else None), the read's text, and the error it ends with, if any."""
+        model: str | None = None
+        texts: list[str] = []
+        for line in lines:
+            if state.done or not line.startswith(b"data:"):
+                continue  # blank separators, `event:` / comment lines, anything after [DONE]
+            payload = line[5:].strip()
+            if payload == _DONE:
+                state.done = True
+                continue
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                return model, "".join(texts), ProviderUnavailable(self.name, f"malformed stream chunk: {exc}")
+            if chunk.get("error"):
+                return model, "".join(texts), self._stream_error(chunk["error"])
+            if not state.started:
+                state.started = True
+                model = chunk.get("model") or ""
+            choices = chunk.get("choices")
+            if choices:
+                choice = choices[0]
+                delta = choice.get("delta")
+                if delta:
+                    text = delta.get("content")
+                    if text:
+                        texts.append(text)
+                if choice.get("finish_reason"):
+                    state.finish = choice["finish_reason"]
+            if chunk.get("usage"):
+                state.usage = chunk["usage"]
+        return model, texts[0] if len(texts) == 1 else "".join(texts), None
 
     async def list_models(self) -> list[str]:
         """The model ids the upstream lists (a free call, used by the status probe)."""
@@ -178,14 +203,21 @@ class OpenAIProvider:
         The SDK's low-level `post` (its documented way to any endpoint): the SDK builds the
         request, authenticates, sends it and raises its status errors, but skips what this
         caller does not need on the hot path: checking the params against the typed signature
-        (they are built here), a random idempotency key per call (the request id serves), and a
-        model object per chunk.
+        (they are built here), a random idempotency key per call (the request id serves), a
+        model object per chunk, and its telemetry headers (`_NO_TELEMETRY`).
         """
+        # orjson hands back its bytes in a 4 KB allocation whatever their length; the body lives
+        # as long as the stream (the request holds it), so it goes as an exact-size copy.
+        body = memoryview(orjson.dumps(self._params(request))).tobytes()
         return await self._client.post(
             self._completions_url,
             cast_to=httpx2.Response,
-            content=orjson.dumps(self._params(request)),
-            options={"idempotency_key": request.request_id} if request.request_id else {},
+            content=body,
+            options=(
+                {"headers": _NO_TELEMETRY, "idempotency_key": request.request_id}
+                if request.request_id
+                else {"headers": _NO_TELEMETRY}
+            ),
             stream=True,
         )
 
@@ -241,6 +273,18 @@ class OpenAIProvider:
             return mapped
         logger.warning("unexpected error from %s", self.name, exc_info=exc)
         return ProviderUnavailable(self.name, f"unexpected {type(exc).__name__}: {exc}")
+
+
+class _StreamState:
+    """What one upstream stream has read so far (see `OpenAIProvider.stream`)."""
+
+    __slots__ = ("done", "finish", "started", "usage")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.done = False
+        self.finish: str | None = None
+        self.usage: Mapping[str, Any] | None = None
 
 
 def _message(message: ChatMessage) -> dict[str, str]:

@@ -114,6 +114,7 @@ class RequestLog:
     stream: bool
     status: int
     api_key: str = ""
+    headers: tuple[str, ...] = ()  # the request's header names, lower case, as they arrived
 
 
 @dataclass

@@ -118,6 +118,7 @@ class _Wire:
                 stream=stream,
                 status=status,
                 api_key=api_key,
+                headers=tuple(request.headers.keys()),
             )
         )
 

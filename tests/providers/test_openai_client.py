@@ -149,6 +149,17 @@ async def test_completions_go_to_the_base_urls_path(sandbox: SandboxState) -> No
     assert [c.path for c in sandbox.calls()] == ["/deepseek/chat/completions"]
 
 
+@pytest.mark.parametrize("request_id", ["req-1234", ""])
+async def test_the_upstream_gets_the_headers_it_needs_and_none_of_the_sdks_telemetry(
+    sandbox: SandboxState, request_id: str
+) -> None:
+    events, error = await collect(registry.get("openai"), make_request("hello", request_id=request_id))
+    assert error is None and text_of(events)
+    (call,) = sandbox.calls()
+    assert {"authorization", "content-type", "accept", "user-agent"} <= set(call.headers)
+    assert [name for name in call.headers if name.startswith("x-stainless")] == []
+
+
 async def test_the_http_client_parses_each_url_once_and_remembers_a_bounded_number() -> None:
     client = _AioHttpClient()
     try:
