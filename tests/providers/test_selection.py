@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
+from decimal import Decimal
+from unittest.mock import patch
 
 import pytest
 from django.test import override_settings
 
+import providers.catalog
 from accounts.principal import Principal
 from chatservice.db import db_async
 from chatservice.errors import ServiceError
-from providers.catalog import CatalogEntry, acatalog_entries, catalog_cache
+from providers.catalog import CatalogEntry, _Catalog, acatalog_entries, catalog_cache
 from providers.circuit import get_circuit
 from providers.models import LLMModel
 from providers.selection import code_score, looks_like_code, select_model
@@ -226,6 +231,59 @@ async def test_the_catalog_is_never_read_from_the_event_loop_when_it_goes_stale_
     ages = iter([1.9])  # seconds since the read at the first look at the clock; 2.1 at any later one
     read_at = catalog_cache._loaded_at
     with monkeypatch.context() as patch:
-        patch.setattr("providers.catalog.time.monotonic", lambda: read_at + next(ages, 2.1))
+        patch.setattr(catalog_cache, "clock", lambda: read_at + next(ages, 2.1))
         served = await acatalog_entries()
+        assert next(ages, None) is None  # the clock was looked at
     assert served == loaded
+
+
+def _entry(name: str) -> CatalogEntry:
+    return CatalogEntry(
+        name, "openai", name, 128_000, 16_384, Decimal("1"), Decimal("0.5"), Decimal("2"),
+        True, False, True, False,
+    )  # fmt: skip
+
+
+async def test_a_stale_catalog_is_re_read_once_while_the_requests_that_find_it_stale_keep_being_served() -> None:
+    """A burst of requests finding the catalog stale: one re-read, in a thread; the others are
+    served the entries in hand meanwhile, rather than each re-reading it (a query each) or
+    queuing behind the one that does."""
+    now = [0.0]
+    started, release = threading.Event(), threading.Event()
+    reads: list[int] = []
+
+    def loader() -> tuple[CatalogEntry, ...]:
+        reads.append(len(reads))
+        if len(reads) > 1:  # the re-read holds on until the burst has been served
+            started.set()
+            assert release.wait(5)
+        return (_entry(f"m{len(reads)}"),)
+
+    catalog = _Catalog(ttl=2.0, clock=lambda: now[0], loader=loader)
+    with patch.object(providers.catalog, "catalog_cache", catalog):
+        assert [e.name for e in await acatalog_entries()] == ["m1"]  # the first read is waited for
+        now[0] = 3.0  # stale
+        first = asyncio.ensure_future(acatalog_entries())  # re-reads
+        assert await asyncio.to_thread(started.wait, 5)
+        burst = await asyncio.wait_for(asyncio.gather(*(acatalog_entries() for _ in range(20))), 5)
+        assert {tuple(e.name for e in entries) for entries in burst} == {("m1",)}
+        release.set()
+        assert [e.name for e in await first] == ["m2"]
+        assert [e.name for e in await acatalog_entries()] == ["m2"]  # fresh again: no read
+    assert len(reads) == 2
+
+
+async def test_after_invalidate_the_next_request_waits_for_the_re_read() -> None:
+    reads: list[int] = []
+
+    def loader() -> tuple[CatalogEntry, ...]:
+        reads.append(len(reads))
+        return (_entry(f"m{len(reads)}"),)
+
+    catalog = _Catalog(loader=loader)
+    with patch.object(providers.catalog, "catalog_cache", catalog):
+        assert [e.name for e in await acatalog_entries()] == ["m1"]
+        assert [e.name for e in await acatalog_entries()] == ["m1"]
+        catalog.invalidate()
+        assert [e.name for e in await acatalog_entries()] == ["m2"]
+    assert len(reads) == 2
