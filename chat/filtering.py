@@ -16,7 +16,6 @@ import functools
 import importlib
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from typing import Any
 
 from chat.filter_rules import ContentRule
 from chat.normalize import hidden_text, normalize, normalize_quoted
-from chatservice.db import db_async
 from chatservice.errors import ServiceError
+from chatservice.reread_cache import ReReadCache
 
 logger = logging.getLogger("chat.filtering")
 
@@ -174,12 +173,8 @@ def rule_set_load() -> RuleSet:
     )
 
 
-class RuleCache:
-    """The compiled rules, re-read (by `loader`, sync ORM) when older than `ttl` seconds.
-
-    One reload at a time: while it runs, the rules in hand keep serving (requests do not pile
-    up behind it, nor reload in parallel); only the very first load is waited for.
-    """
+class RuleCache(ReReadCache[RuleSet]):
+    """The compiled rules (`rule_set_load`, sync ORM), re-read when older than `ttl` seconds."""
 
     def __init__(
         self,
@@ -188,53 +183,7 @@ class RuleCache:
         clock: Callable[[], float] = time.monotonic,
         loader: Callable[[], RuleSet] | None = None,
     ) -> None:
-        self.ttl = ttl
-        self.clock = clock
-        self.loader = loader or rule_set_load
-        self._rules: RuleSet | None = None
-        self._loaded_at = 0.0
-        self._reload = threading.Lock()
-
-    def fresh(self) -> RuleSet | None:
-        """The cached rules when still fresh, else None (no I/O)."""
-        if self._rules is not None and self.clock() - self._loaded_at <= self.ttl:
-            return self._rules
-        return None
-
-    @property
-    def reloading(self) -> bool:
-        return self._reload.locked()
-
-    def stale(self) -> RuleSet | None:
-        """The rules in hand however old (None before the first load)."""
-        return self._rules
-
-    def load(self) -> RuleSet:
-        """Re-read the rules. If that fails, the last rules serve another period (and the error is logged).
-
-        When another thread is already reloading, return the rules in hand at once (or, before
-        the first load, wait for that reload).
-        """
-        in_hand = self._rules
-        if not self._reload.acquire(blocking=in_hand is None):
-            return in_hand  # type: ignore[return-value]  # acquire only fails when not blocking
-        try:
-            if in_hand is None and (fresh := self.fresh()) is not None:
-                return fresh  # the reload we waited for
-            try:
-                rules = self.loader()
-            except Exception:
-                if self._rules is None:
-                    raise
-                logger.exception("reloading content rules failed; keeping the previous rules")
-                rules = self._rules
-            self._rules, self._loaded_at = rules, self.clock()
-            return rules
-        finally:
-            self._reload.release()
-
-    def invalidate(self) -> None:
-        self._rules = None
+        super().__init__(loader or rule_set_load, ttl=ttl, clock=clock, what="content rules")
 
 
 rule_cache = RuleCache()
@@ -242,11 +191,7 @@ rule_cache = RuleCache()
 
 async def screen(text: str) -> Verdict:
     """Block (raise ServiceError 400 `content_blocked`) or flag a message by the ContentRule table."""
-    rules = rule_cache.fresh()
-    if rules is None:
-        in_hand = rule_cache.stale()
-        rules = in_hand if in_hand is not None and rule_cache.reloading else await db_async(rule_cache.load)()
-    decision = evaluate(text, rules)
+    decision = evaluate(text, await rule_cache.aget())
     if decision.blocked:
         logger.info("message blocked by content rule %s", decision.rule_id)
         raise ServiceError(

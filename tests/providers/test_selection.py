@@ -287,3 +287,22 @@ async def test_after_invalidate_the_next_request_waits_for_the_re_read() -> None
         catalog.invalidate()
         assert [e.name for e in await acatalog_entries()] == ["m2"]
     assert len(reads) == 2
+
+
+async def test_a_failing_re_read_keeps_the_catalog_in_hand(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    results: list[tuple[CatalogEntry, ...] | Exception] = [(_entry("m1"),), RuntimeError("database down")]
+
+    def loader() -> tuple[CatalogEntry, ...]:
+        result = results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    catalog = _Catalog(ttl=2.0, clock=lambda: now[0], loader=loader)
+    with patch.object(providers.catalog, "catalog_cache", catalog):
+        assert [e.name for e in await acatalog_entries()] == ["m1"]
+        now[0] = 3.0
+        assert [e.name for e in await acatalog_entries()] == ["m1"]  # the re-read failed: kept
+        assert catalog.fresh() is not None  # for another period, not re-read on every request
+    assert "re-reading the model catalog failed" in caplog.text
