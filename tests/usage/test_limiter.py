@@ -144,6 +144,33 @@ async def test_zero_limit_refuses_without_counting(limiter: RequestLimiter) -> N
     assert (await limiter.peek(user_id=6, limit=3)).used == 0
 
 
+async def test_the_redis_window_keeps_only_the_requests_still_in_it(
+    make_limiter: Callable[..., RequestLimiter], clock: FakeClock
+) -> None:
+    """Requests that left the window leave Redis too: with a limit far above the traffic, the list
+    would otherwise hold every request for as long as the user keeps calling within the hour."""
+    limiter = make_limiter("redis")
+    for offset in (0, 10, 20, 30):
+        clock.at(offset)
+        await limiter.hit(user_id=14, limit=1_000_000)
+    strategy = limiter._shared_strategy()
+    assert strategy is not None
+    client = strategy.storage.bridge.get_connection()  # type: ignore[attr-defined]
+    key = f"{limiter.key_prefix}:requests/user/14"
+    assert await client.llen(key) == 4
+
+    clock.at(3615)  # T0 and T0+10 have left the window
+    state = await limiter.hit(user_id=14, limit=1_000_000)
+    assert (state.allowed, state.used, state.reset_seconds) == (True, 3, 6)  # T0+20 leaves at T0+3620
+    assert [float(v) for v in await client.lrange(key, 0, -1)] == [T0 + 3615, T0 + 30, T0 + 20]
+
+    clock.at(9000)  # all of them have left: the next request starts a new window
+    state = await limiter.hit(user_id=14, limit=1_000_000)
+    assert (state.used, state.reset_seconds) == (1, 3601)
+    assert await client.llen(key) == 1
+    await limiter.aclose()
+
+
 async def test_redis_window_is_atomic_across_clients(make_limiter: Callable[..., RequestLimiter]) -> None:
     # Eight limiters: eight connection pools, as eight processes would have; the real clock.
     limiters = [make_limiter("redis", clock=time.time) for _ in range(8)]
