@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import time
+import weakref
 from collections import OrderedDict
 from datetime import timedelta
 
@@ -109,13 +112,38 @@ def api_key_authenticate(raw_key: str) -> Principal | None:
     return principal
 
 
+# The lookups on their way, per event loop and key hash: requests that miss the cache for the
+# same key at once (a burst, or every request in flight when a hot key's entry expires) wait for
+# one lookup rather than each taking a thread and a query.
+_lookups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Future[Principal | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def api_key_aauthenticate(raw_key: str) -> Principal | None:
-    """Async face of `api_key_authenticate`: a cache hit costs no thread hop."""
-    if raw_key and len(raw_key) <= 200:
-        cached = key_cache.get(hash_key(raw_key))
-        if cached is not None:
-            return cached
-    return await db_async(api_key_authenticate)(raw_key)
+    """Async face of `api_key_authenticate`: a cache hit costs no thread hop, and concurrent
+    misses for one key share one lookup (which none of them cancels by leaving)."""
+    if not raw_key or len(raw_key) > 200:
+        return None
+    key_hash = hash_key(raw_key)
+    cached = key_cache.get(key_hash)
+    if cached is not None:
+        return cached
+    lookups = _lookups.setdefault(asyncio.get_running_loop(), {})
+    lookup = lookups.get(key_hash)
+    if lookup is None:
+        lookup = lookups[key_hash] = asyncio.ensure_future(db_async(api_key_authenticate)(raw_key))
+        lookup.add_done_callback(functools.partial(_lookup_done, lookups, key_hash))
+    return await asyncio.shield(lookup)
+
+
+def _lookup_done(
+    lookups: dict[str, asyncio.Future[Principal | None]], key_hash: str, lookup: asyncio.Future[Principal | None]
+) -> None:
+    if lookups.get(key_hash) is lookup:
+        del lookups[key_hash]
+    if not lookup.cancelled():
+        lookup.exception()  # retrieved here too, for when every waiter has gone
 
 
 def raw_key_from_headers(headers: dict[str, str]) -> str:
