@@ -84,13 +84,18 @@ def _parse_prefix(raw_key: str) -> str | None:
     return parts[1]
 
 
+def _cached(raw_key: str) -> tuple[str | None, Principal | None]:
+    """The key's hash (None for a key too malformed to look up) and its cached caller, if any."""
+    if not raw_key or len(raw_key) > 200:
+        return None, None
+    key_hash = hash_key(raw_key)
+    return key_hash, key_cache.get(key_hash)
+
+
 def api_key_authenticate(raw_key: str) -> Principal | None:
     """Return the caller behind `raw_key`, or None for a malformed, unknown or revoked key."""
-    if not raw_key or len(raw_key) > 200:
-        return None
-    key_hash = hash_key(raw_key)
-    cached = key_cache.get(key_hash)
-    if cached is not None:
+    key_hash, cached = _cached(raw_key)
+    if key_hash is None or cached is not None:
         return cached
     prefix = _parse_prefix(raw_key)
     if prefix is None:
@@ -123,11 +128,8 @@ _lookups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio
 async def api_key_aauthenticate(raw_key: str) -> Principal | None:
     """Async face of `api_key_authenticate`: a cache hit costs no thread hop, and concurrent
     misses for one key share one lookup (which none of them cancels by leaving)."""
-    if not raw_key or len(raw_key) > 200:
-        return None
-    key_hash = hash_key(raw_key)
-    cached = key_cache.get(key_hash)
-    if cached is not None:
+    key_hash, cached = _cached(raw_key)
+    if key_hash is None or cached is not None:
         return cached
     lookups = _lookups.setdefault(asyncio.get_running_loop(), {})
     lookup = lookups.get(key_hash)
