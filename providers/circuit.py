@@ -8,7 +8,9 @@ also used by the status store, is the degrade-to-in-process link to Redis.
 A closed circuit is remembered for STATE_CACHE_SECONDS: requests in that window are let
 through without asking Redis, and a success resets nothing when no failure was counted.
 So a healthy provider costs no Redis command per request, a failure here is seen at once,
-and a circuit another process opened is seen within STATE_CACHE_SECONDS.
+and a circuit another process opened is seen within STATE_CACHE_SECONDS. When the remembered
+state runs out under load, the requests that find it so at once share one read (and a success
+one reset): a burst costs Redis one round trip per STATE_CACHE_SECONDS, not one per request.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_GAVE_UP = object()  # what a shared call's followers are given when its leader raised
 
 REDIS_RETRY_SECONDS = 30.0  # how long to stay in-process after Redis failed
 STATE_CACHE_SECONDS = 0.25  # how long a closed circuit is taken as read
@@ -203,6 +206,7 @@ class Circuit:
         self._local: dict[str, _LocalCircuit] = {}
         self._closed: dict[str, _Closed] = {}
         self._failures_seen: dict[str, int] = {}  # failures recorded here, per key: a read older than one is not kept
+        self._flights: dict[tuple[str, str, int], asyncio.Future[object]] = {}  # shared calls on their way
         self._lock = threading.Lock()
 
     def _key(self, provider: str) -> str:
@@ -231,6 +235,12 @@ class Circuit:
             return Admission.ALLOWED
         lease_end = now + self._probe_lease()
         failures_before = self._failures_seen.get(key, 0)
+        flight = ("allow", key, failures_before)
+        shared = await self._join(flight)
+        if shared is not None:
+            # A read on its way answered for every request that came meanwhile; a probe it
+            # claimed is its caller's alone (the others would be refused: the probe is out).
+            return Admission.ALLOWED if shared in (_ALLOWED, _CLEAR) else Admission.DENIED
 
         async def remote(client: aioredis.Redis) -> int:
             return int(await client.register_script(_ALLOW)(keys=[key], args=[now, lease_end]))
@@ -245,11 +255,40 @@ class Circuit:
                 st.probe_until = lease_end
                 return _PROBE
 
-        verdict = await self._redis.run(remote, local)
+        async def read() -> int:
+            verdict = await self._redis.run(remote, local)
+            if verdict in (_ALLOWED, _CLEAR):
+                self._remember_closed(key, failures_before, clear=verdict == _CLEAR, now=now)
+            return verdict
+
+        verdict = await self._lead(flight, read)
         if verdict in (_ALLOWED, _CLEAR):
-            self._remember_closed(key, failures_before, clear=verdict == _CLEAR, now=now)
             return Admission.ALLOWED
         return Admission.DENIED if verdict == _DENIED else Admission.PROBE
+
+    async def _join(self, flight: tuple[str, str, int]) -> object | None:
+        """The result of the same call already on its way on this event loop, once it is back;
+        None when there is none, or its caller raised (then the caller goes on by itself)."""
+        pending = self._flights.get(flight)
+        if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+            return None
+        result = await asyncio.shield(pending)  # a follower that is cancelled leaves the call alone
+        return None if result is _GAVE_UP else result
+
+    async def _lead(self, flight: tuple[str, str, int], call: Callable[[], Awaitable[T]]) -> T:
+        """Run `call`, letting the callers of the same `flight` that come meanwhile share its result."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._flights[flight] = future
+        try:
+            result = await call()
+        except BaseException:
+            future.set_result(_GAVE_UP)
+            raise
+        finally:
+            if self._flights.get(flight) is future:
+                del self._flights[flight]
+        future.set_result(result)
+        return result
 
     def _remember_closed(self, key: str, failures_before: int, *, clear: bool, now: float) -> None:
         """Keep a closed state read since `failures_before`, unless a failure was recorded meanwhile."""
@@ -269,6 +308,10 @@ class Circuit:
         if closed is not None and closed.clear:
             return  # closed with no failure counted a moment ago: nothing to reset
         failures_before = self._failures_seen.get(key, 0)
+        # Keyed on the failures recorded here: a success after one of them resets it itself.
+        flight = ("reset", key, failures_before)
+        if await self._join(flight) is not None:
+            return  # a reset on its way, sent after every failure this process has seen
 
         async def remote(client: aioredis.Redis) -> None:
             await client.delete(key)
@@ -277,8 +320,12 @@ class Circuit:
             with self._lock:
                 self._local.pop(key, None)
 
-        await self._redis.run(remote, local)
-        self._remember_closed(key, failures_before, clear=True, now=now)
+        async def reset() -> bool:
+            await self._redis.run(remote, local)
+            self._remember_closed(key, failures_before, clear=True, now=now)
+            return True
+
+        await self._lead(flight, reset)
 
     async def record_failure(self, provider: str) -> None:
         """One more consecutive failure; opens the circuit at the threshold or when a probe failed."""

@@ -276,3 +276,81 @@ async def test_a_burst_larger_than_the_connection_pool_stays_on_redis(_state: st
     assert client is not None
     await client.delete(key)
     await client.aclose()
+
+
+async def test_a_burst_that_finds_the_state_stale_shares_one_read_and_one_reset() -> None:
+    """When the remembered closed state runs out under load, the requests that find it so share
+    one Redis read, and their successes one reset: not one round trip per request."""
+    proxy = RedisProxy()
+    await proxy.start()
+    clock = FakeClock()
+    elsewhere = make_circuit("redis", clock)
+    circuit = Circuit(clock=clock, redis=SharedRedis(proxy.url))
+    await elsewhere.record_failure("openai")  # counted by another process: a success must reset it
+    assert await circuit.allow("openai") is Admission.ALLOWED  # connects; remembers "closed, 1 failure"
+    clock.advance(STATE_CACHE_SECONDS)
+    sent = proxy.sent
+
+    verdicts = await asyncio.gather(*(circuit.allow("openai") for _ in range(50)))
+    assert verdicts == [Admission.ALLOWED] * 50
+    assert proxy.sent == sent + 1
+
+    await asyncio.gather(*(circuit.record_success("openai") for _ in range(50)))
+    assert proxy.sent == sent + 2
+    assert (await elsewhere.snapshot("openai")).failures == 0
+    await proxy.stop()
+
+
+async def test_a_failure_here_during_a_shared_read_is_not_hidden_by_it() -> None:
+    """A request that comes after a failure recorded here does not take the answer of a read
+    sent before that failure: it reads again, and sees the circuit the failure opened."""
+
+    class HeldFirstAnswer(SharedRedis):
+        """Redis, except that the first answer is held until `release` is set."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+            self.calls = 0
+
+        async def run(self, remote: Any, local: Any) -> Any:
+            self.calls += 1
+            result = await super().run(remote, local)
+            if self.calls == 1:
+                await self.release.wait()
+            return result
+
+    clock = FakeClock()
+    redis = HeldFirstAnswer()
+    circuit = Circuit(clock=clock, redis=redis)
+    first = asyncio.ensure_future(circuit.allow("openai"))  # reads "closed"; the answer is held
+    await asyncio.sleep(0.05)
+    for _ in range(3):
+        await circuit.record_failure("openai")  # the third opens the circuit
+    after = asyncio.ensure_future(circuit.allow("openai"))
+    await asyncio.sleep(0.05)
+    redis.release.set()
+    assert await first is Admission.ALLOWED
+    assert await after is Admission.DENIED
+
+
+async def test_a_shared_read_whose_caller_is_cancelled_still_answers_the_others() -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    clock = FakeClock()
+    shared = SharedRedis(proxy.url)
+    circuit = Circuit(clock=clock, redis=shared)
+    assert await circuit.allow("openai") is Admission.ALLOWED
+    clock.advance(STATE_CACHE_SECONDS)
+    proxy.hung = True  # the leader's read will not come back
+
+    leader = asyncio.ensure_future(circuit.allow("openai"))
+    await asyncio.sleep(0.05)
+    follower = asyncio.ensure_future(circuit.allow("openai"))
+    await asyncio.sleep(0.05)
+    leader.cancel()
+    # The follower is not cancelled with it: it reads by itself, waits out the hung Redis once
+    # (within the bound), and is answered by the in-process circuit.
+    assert await asyncio.wait_for(follower, timeout=REDIS_TIMEOUT_SECONDS * 5) is Admission.ALLOWED
+    assert leader.cancelled() and shared.degraded
+    await proxy.stop()
