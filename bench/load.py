@@ -4,9 +4,10 @@ Each of the C workers holds one connection (opened before the clock starts) and 
 requests one after another, so C requests are always in flight. Latency runs from writing the
 request to reading the last byte of the reply; time to first token from writing the request to
 the first token of a stream, whether it arrives as the gateway's `event: token` frame or as an
-OpenAI `data:` chunk with content. A streamed reply counts as ok only when it reached its end
-(`event: done` or `data: [DONE]`). Raw asyncio streams keep the client's own cost per request
-small, since it shares a core with the mock upstream.
+OpenAI `data:` chunk with content; a stream's tail from its last token to the last byte (for the
+gateway, the ledger write that comes before its `event: done`). A streamed reply counts as ok
+only when it reached its end (`event: done` or `data: [DONE]`). Raw asyncio streams keep the
+client's own cost per request small, since it shares a core with the mock upstream.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class LoadResult:
     ttft: Distribution | None
     tokens: int
     process: ProcessUsage | None = None
+    tail: Distribution | None = None  # streams: from the last token to the end of the reply
 
 
 class StreamScanner:
@@ -79,6 +81,7 @@ class StreamScanner:
 
     def __init__(self) -> None:
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.tokens = 0
         self.done = False
         self.error: str | None = None
@@ -98,6 +101,7 @@ class StreamScanner:
 
     def _token(self, now: float) -> None:
         self.tokens += 1
+        self.last_token_at = now
         if self.first_token_at is None:
             self.first_token_at = now
 
@@ -194,6 +198,7 @@ class _Run:
     next_index: int = 0
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
+    tails: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
 
@@ -241,6 +246,8 @@ class _Connection:
                 raise RequestFailed("stream ended early")
             if scanner.first_token_at is not None:
                 run.ttfts.append(scanner.first_token_at - started)
+            if scanner.last_token_at is not None:
+                run.tails.append(finished - scanner.last_token_at)
             run.tokens += scanner.tokens
         run.latencies.append(finished - started)
 
@@ -316,6 +323,7 @@ async def run_load(
         rps=len(run.latencies) / elapsed if elapsed > 0 else 0.0,
         latency=distribution(run.latencies),
         ttft=distribution(run.ttfts),
+        tail=distribution(run.tails),
         tokens=run.tokens,
         process=process,
     )

@@ -184,10 +184,27 @@ def markdown(scenarios: list[Scenario], systems: list[SystemResult], meta: dict[
             row.verdict,
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    tails = _tails(rows(scenarios, systems))
+    if tails:
+        title = "Stream tails, from the last token to the end of the reply (p50 / p90 / max in ms; the gateway"
+        lines += ["", f"{title} writes the ledger before its `done`):", "", *tails]
     notes = _notes(systems)
     if notes:
         lines += ["", "Notes:", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _tails(table: list[Row]) -> list[str]:
+    lines = []
+    for row in table:
+        tail = row.measured.tail if row.measured is not None else None
+        if tail is None:
+            continue
+        direct = row.direct.tail if row.direct is not None else None
+        against = f"; direct {_ms(direct.p50)} / {_ms(direct.p90)} / {_ms(direct.max)}" if direct else ""
+        measured = f"{_ms(tail.p50)} / {_ms(tail.p90)} / {_ms(tail.max)}"
+        lines.append(f"- {row.scenario.name}, {row.system}: {measured}{against}")
+    return lines
 
 
 def _notes(systems: list[SystemResult]) -> list[str]:

@@ -15,8 +15,8 @@ import pytest
 
 from bench.load import StreamScanner, Target, run_load
 from bench.mock_upstream import MockSpec, MockUpstream, parse_spec, reply_text, spec_for
-from bench.report import verdict
-from bench.run import litellm_available
+from bench.report import markdown, verdict
+from bench.run import SystemResult, litellm_available
 from bench.scenarios import SCENARIOS, gateway_target, openai_target, select
 from bench.stats import distribution, percentile
 from chat.events import Done, Failed, Started, Token, sse_frame
@@ -164,8 +164,9 @@ async def test_failed_requests_are_counted_by_kind_not_timed(mock_url: str) -> N
     assert result.latency is None and result.rps == 0
 
 
-def _gateway_app(frames: list[bytes]) -> Any:
-    """A stand-in for `POST /chat/stream`: the gateway's own SSE encoding, sent chunk by chunk."""
+def _gateway_app(frames: list[bytes], *, gap: float = 0.0, ending: tuple[bytes, ...] = (), pause: float = 0.0) -> Any:
+    """A stand-in for `POST /chat/stream`: the gateway's own SSE encoding, sent chunk by chunk
+    (`gap` seconds apart), then `pause` seconds (the ledger write), then the `ending` frames."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -174,7 +175,12 @@ def _gateway_app(frames: list[bytes]) -> Any:
             pass
         headers = [(b"content-type", b"text/event-stream")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        for frame in frames:
+        for i, frame in enumerate(frames):
+            if i and gap:
+                await asyncio.sleep(gap)
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await asyncio.sleep(pause)
+        for frame in ending:
             await send({"type": "http.response.body", "body": frame, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -206,6 +212,24 @@ async def test_gateway_sse_frames_are_parsed_over_http(end: str, ok: int, kinds:
     assert (result.ok, result.error_kinds) == (ok, kinds)
     assert result.tokens == 4 * ok
     assert (result.ttft.count if result.ttft else 0) == ok
+
+
+async def test_a_streams_tail_runs_from_its_last_token_to_the_end_of_the_reply() -> None:
+    """What comes after the last token (the gateway's ledger write, then `done`) is measured on its own."""
+    tokens = [sse_frame(Token(f"w{i} ")) for i in range(3)]
+    done = sse_frame(Done({"message": "w0 w1 w2 "}))
+    server = BackgroundServer(_gateway_app(tokens, gap=0.5, ending=(done,), pause=0.08)).start()
+    try:
+        scenario = select(["stream-c64"], quick=True)[0]
+        result = await run_load(gateway_target(server.url, scenario, api_key="k"), requests=2, concurrency=2)
+    finally:
+        server.stop()
+    assert result.ok == 2 and result.tail is not None and result.latency is not None
+    # From the last token: the 0.08 s before `done`, none of the 1 s between the first and the last.
+    assert result.tail.count == 2 and result.tail.min >= 0.08 and result.tail.max < result.latency.min - 0.5
+    meta = {"started": "now", "cpus": 2, "cpu_model": "x", "python": "3", "servers": ["uvicorn"], "quick": True}
+    text = markdown([scenario], [SystemResult("gateway", {scenario.name: result})], {**meta, "pinned": False})
+    assert f"- {scenario.name}, gateway: {result.tail.p50 * 1000:.2f} / " in text
 
 
 def test_scanner_reads_openai_chunks_and_ignores_role_only_ones() -> None:
