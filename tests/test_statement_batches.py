@@ -103,3 +103,56 @@ async def test_a_run_whose_caller_left_while_sending_it_is_stopped_and_handed_ba
     assert time.monotonic() - started < 2  # the statement was cancelled on the server, not waited for
     await batches.drained()
     assert abandoned == [({"d": 1, "s": 5}, None)]
+
+
+async def test_batches_lock_their_rows_in_one_order_so_two_at_once_never_deadlock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two batches of runs on the same two rows, the runs given in opposite orders, both waiting
+    for the rows and then let go at once: in the rows' order they queue; as given, each would hold
+    one row and wait for the other's (a deadlock, broken only after `deadlock_timeout`)."""
+    from datetime import date
+
+    from channels.db import database_sync_to_async as sync_to_async
+
+    from accounts.services import user_get_or_create
+    from usage.models import DailyTokenUsage
+    from usage.quotas import quota_row
+
+    day = date(2031, 3, 14)
+
+    def rows() -> list[int]:
+        users = [user_get_or_create(username=f"lock-order-{n}", plan_name="premium")[0].pk for n in (1, 2)]
+        for user_id in users:
+            DailyTokenUsage.objects.create(user_id=user_id, day=day, used=0, reserved=0)
+        return users
+
+    first, second = await sync_to_async(rows)()
+    touch = (
+        "UPDATE usage_dailytokenusage SET reserved = reserved + 1 "
+        "WHERE user_id = %(user_id)s AND day = %(day)s RETURNING user_id"
+    )
+    batches = StatementBatches(touch, lock_order=quota_row)
+    alone: list[str] = []
+    fetchone = statements.fetchone
+
+    async def spy(sql: str, params: Mapping[str, Any], *, synchronous_commit: bool = True) -> Any:
+        alone.append(sql)  # the one-at-a-time rerun of a failed batch
+        return await fetchone(sql, params, synchronous_commit=synchronous_commit)
+
+    monkeypatch.setattr(statements, "fetchone", spy)
+    one, two = {"user_id": first, "day": day}, {"user_id": second, "day": day}
+    async with statements._connection(True) as blocker, blocker.transaction():
+        await blocker.execute(
+            "SELECT 1 FROM usage_dailytokenusage WHERE user_id IN (%s, %s) FOR UPDATE", (first, second)
+        )
+        # Two batches as the batching would send them, one row each first (their own connections).
+        sends = [asyncio.ensure_future(batches._send(order)) for order in ([one, two], [two, one])]
+        await asyncio.sleep(0.3)  # both are waiting for the blocked rows
+        assert not any(send.done() for send in sends)
+    forward, backward = await asyncio.wait_for(asyncio.gather(*sends), timeout=10)
+
+    assert forward == [(first,), (second,)] and backward == [(second,), (first,)]  # each run its own row
+    assert alone == []  # neither batch failed and was rerun
+    reserved = await sync_to_async(lambda: sorted(DailyTokenUsage.objects.values_list("reserved", flat=True)))()
+    assert reserved == [2, 2]

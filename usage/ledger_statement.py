@@ -28,7 +28,7 @@ from chat.models import Conversation, Message
 from chatservice.async_db import statements
 from chatservice.statement_batches import StatementBatches
 from usage.models import UsageRecord
-from usage.quotas import Reservation
+from usage.quotas import Reservation, quota_row
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ async def awrite(
     )
     batches = _batches.get(sql)
     if batches is None:
-        batches = _batches[sql] = StatementBatches(sql)
+        batches = _batches[sql] = StatementBatches(sql, lock_order=quota_row)
     _saved(record, await batches.fetchone(params))
 
 

@@ -211,7 +211,14 @@ async def _release_abandoned(params: Mapping[str, Any], row: tuple[Any, ...] | N
     await db_async(token_release)(reservation=reservation)
 
 
-_reservations = StatementBatches(_RESERVE_SQL, synchronous_commit=False, on_abandoned=_release_abandoned)
+def quota_row(params: Mapping[str, Any]) -> tuple[int, date]:
+    """The quota row a reservation or a ledger write locks: batches of them lock in this order."""
+    return params["user_id"], params["day"]
+
+
+_reservations = StatementBatches(
+    _RESERVE_SQL, synchronous_commit=False, on_abandoned=_release_abandoned, lock_order=quota_row
+)
 
 
 def _refusal_state(*, user_id: int, day: date, now: datetime) -> tuple[int, int, bool]:
