@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the Python that runs LiteLLM's proxy for the side-by-side run (a virtualenv of its own: it is not "
         "a dependency of this project); skipped when it cannot import litellm.proxy",
     )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=int(os.environ.get("BENCH_USERS", "1")),
+        help="how many users the gateway's requests come from, one key per connection in turn (default 1)",
+    )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return parser.parse_args(argv)
 
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in SCENARIOS:
             print(f"{scenario.group:14} {scenario.name:15} {scenario.title} — target: {scenario.target}")
         return 0
+    if args.users < 1:
+        print("--users must be at least 1", file=sys.stderr)
+        return 2
     try:
         scenarios = select(args.scenario, quick=args.quick)
     except ValueError as exc:
@@ -75,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_url=args.redis_url,
         log_dir=args.results_dir / "logs",
         litellm_python=args.litellm_python,
+        users=args.users,
     )
     systems = run(options)
     meta = {
@@ -82,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_seconds": round(time.monotonic() - clock, 1),
         "quick": args.quick,
         "servers": servers,
+        "users": args.users,
         "pinned": processes.can_pin(),
         **report.machine(),
     }

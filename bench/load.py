@@ -36,9 +36,12 @@ class Target:
     body: bytes
     stream: bool
     headers: tuple[tuple[str, str], ...] = ()
+    # Header sets the connections take in turn (connection i sends set i mod n: one user each);
+    # when empty, every connection sends `headers`.
+    per_connection: tuple[tuple[tuple[str, str], ...], ...] = ()
 
-    def request_bytes(self) -> tuple[str, int, bytes]:
-        """(host, port, the whole HTTP/1.1 request) for this target."""
+    def request_bytes(self, headers: tuple[tuple[str, str], ...] | None = None) -> tuple[str, int, bytes]:
+        """(host, port, the whole HTTP/1.1 request) for this target, with `headers` if given."""
         parts = urlsplit(self.url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"only http:// URLs are supported: {self.url}")
@@ -51,7 +54,7 @@ class Target:
             f"Host: {parts.hostname}:{port}",
             "Content-Type: application/json",
             f"Content-Length: {len(self.body)}",
-            *(f"{name}: {value}" for name, value in self.headers),
+            *(f"{name}: {value}" for name, value in (self.headers if headers is None else headers)),
         ]
         head = "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n"
         return parts.hostname, port, head + self.body
@@ -191,7 +194,6 @@ class _Run:
     target: Target
     host: str
     port: int
-    request: bytes
     requested: int
     timeout: float
     stop_at: float
@@ -210,8 +212,9 @@ class _Run:
 
 
 class _Connection:
-    def __init__(self, run: _Run) -> None:
+    def __init__(self, run: _Run, request: bytes) -> None:
         self.run = run
+        self.request = request
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -231,7 +234,7 @@ class _Connection:
         assert self.reader is not None and self.writer is not None
         scanner = StreamScanner() if run.target.stream else None
         started = time.perf_counter()
-        self.writer.write(run.request)
+        self.writer.write(self.request)
         status, length, chunked, closes = await _read_head(self.reader)
         await _read_body(self.reader, length, chunked, scanner if status == 200 else None)
         finished = time.perf_counter()
@@ -300,8 +303,10 @@ async def run_load(
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be at least 1")
     host, port, request = target.request_bytes()
-    run = _Run(target, host, port, request, requests, request_timeout, stop_at=float("inf"))
-    connections = [_Connection(run) for _ in range(min(concurrency, requests))]
+    run = _Run(target, host, port, requests, request_timeout, stop_at=float("inf"))
+    count = min(concurrency, requests)
+    variants = [target.request_bytes(headers)[2] for headers in target.per_connection] or [request]
+    connections = [_Connection(run, variants[i % len(variants)]) for i in range(count)]
     sampler = ProcessSampler(pid, core=core) if pid is not None else None
     if sampler is not None:
         sampler.start()  # before connecting: an open connection is part of what the server holds

@@ -38,6 +38,10 @@ class Row:
     verdict: str
 
 
+def _users(count: int) -> str:
+    return "one user" if count == 1 else f"{count} users, one key per connection in turn"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
@@ -155,6 +159,7 @@ def markdown(scenarios: list[Scenario], systems: list[SystemResult], meta: dict[
         "",
         f"Machine: {meta['cpus']} CPUs, {meta['cpu_model']}; Python {meta['python']}. "
         f"Servers: {', '.join(meta['servers'])}. {'Quick run (counts scaled down). ' if meta['quick'] else ''}"
+        f"The gateway's requests come from {_users(meta.get('users', 1))}. "
         f"{PINNED if meta['pinned'] else 'Not pinned.'}",
         "",
         'Latency and TTFT are p50 / p90 / p99 in ms; "added" is the system\'s p50 minus the direct p50; '

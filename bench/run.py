@@ -48,6 +48,7 @@ class RunOptions:
     log_dir: Path
     setup_stores: bool = True
     litellm_python: str = sys.executable  # LiteLLM's proxy may live in a virtualenv of its own
+    users: int = 1  # the gateway's requests come from this many users, one key per connection in turn
 
 
 @dataclass
@@ -110,14 +111,15 @@ def gateway_command(server: str, port: int) -> list[str]:
     raise ValueError(f"unknown server {server!r}")
 
 
-def provision(env: dict[str, str]) -> str:
-    """Migrate the bench database and return a fresh API key for the bench user."""
+def provision(env: dict[str, str], users: int = 1) -> list[str]:
+    """Migrate the bench database and return a fresh API key for each of `users` bench users."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.provision"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-m", "bench.provision", "--users", str(users)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"provisioning the bench database failed:\n{done.stdout}\n{done.stderr}")
-    return done.stdout.strip().splitlines()[-1]
+    return done.stdout.strip().splitlines()[-users:]
 
 
 async def measure(
@@ -234,14 +236,14 @@ async def run_all(options: RunOptions, log: Log) -> list[SystemResult]:
         )
         env = gateway_env(options, mock_port)
         try:
-            api_key = provision(env)
+            api_keys = provision(env, options.users)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             log(str(exc))
             note = f"could not be measured: {str(exc).splitlines()[0]}"
             systems += [SystemResult(f"gateway ({server})", note=note) for server in options.servers]
         else:
             for server in options.servers:
-                systems.append(await _measure_gateway(server, options, env, api_key, log))
+                systems.append(await _measure_gateway(server, options, env, api_keys, log))
         if litellm_available(options.litellm_python):
             systems.append(await _measure_litellm(options, mock_port, log))
         else:
@@ -253,7 +255,7 @@ async def run_all(options: RunOptions, log: Log) -> list[SystemResult]:
 
 
 async def _measure_gateway(
-    server: str, options: RunOptions, env: dict[str, str], api_key: str, log: Log
+    server: str, options: RunOptions, env: dict[str, str], api_keys: list[str], log: Log
 ) -> SystemResult:
     name = f"gateway ({server})"
     port = processes.free_port()
@@ -267,7 +269,7 @@ async def _measure_gateway(
         result = await measure(
             name,
             options.scenarios,
-            lambda s: gateway_target(child.url, s, api_key=api_key),
+            lambda s: gateway_target(child.url, s, api_keys=api_keys),
             pid=child.pid,
             quick=options.quick,
             log=log,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -171,13 +172,17 @@ def openai_target(base_url: str, scenario: Scenario, *, api_key: str = "bench") 
     )
 
 
-def gateway_target(base_url: str, scenario: Scenario, *, api_key: str) -> Target:
-    """`POST /chat` (JSON) or `POST /chat/stream` (SSE) on the gateway."""
+def gateway_target(base_url: str, scenario: Scenario, *, api_keys: Sequence[str]) -> Target:
+    """`POST /chat` (JSON) or `POST /chat/stream` (SSE) on the gateway, the connections taking the
+    users' keys in turn."""
+    if not api_keys:
+        raise ValueError("at least one API key is needed")
     path = "/chat/stream" if scenario.stream else "/chat"
     body = {"model": MODEL, "message": message(scenario.spec)}
     return Target(
         url=f"{base_url}{path}",
         body=orjson.dumps(body),
         stream=scenario.stream,
-        headers=(("Authorization", f"Bearer {api_key}"),),
+        headers=(("Authorization", f"Bearer {api_keys[0]}"),),
+        per_connection=tuple((("Authorization", f"Bearer {key}"),) for key in api_keys) if len(api_keys) > 1 else (),
     )

@@ -206,7 +206,7 @@ async def test_gateway_sse_frames_are_parsed_over_http(end: str, ok: int, kinds:
     server = BackgroundServer(_gateway_app(_gateway_frames(tokens=4, end=end))).start()
     try:
         scenario = select(["stream-c64"], quick=True)[0]
-        result = await run_load(gateway_target(server.url, scenario, api_key="k"), requests=3, concurrency=2)
+        result = await run_load(gateway_target(server.url, scenario, api_keys=["k"]), requests=3, concurrency=2)
     finally:
         server.stop()
     assert (result.ok, result.error_kinds) == (ok, kinds)
@@ -221,7 +221,7 @@ async def test_a_streams_tail_runs_from_its_last_token_to_the_end_of_the_reply()
     server = BackgroundServer(_gateway_app(tokens, gap=0.5, ending=(done,), pause=0.08)).start()
     try:
         scenario = select(["stream-c64"], quick=True)[0]
-        result = await run_load(gateway_target(server.url, scenario, api_key="k"), requests=2, concurrency=2)
+        result = await run_load(gateway_target(server.url, scenario, api_keys=["k"]), requests=2, concurrency=2)
     finally:
         server.stop()
     assert result.ok == 2 and result.tail is not None and result.latency is not None
@@ -230,6 +230,47 @@ async def test_a_streams_tail_runs_from_its_last_token_to_the_end_of_the_reply()
     meta = {"started": "now", "cpus": 2, "cpu_model": "x", "python": "3", "servers": ["uvicorn"], "quick": True}
     text = markdown([scenario], [SystemResult("gateway", {scenario.name: result})], {**meta, "pinned": False})
     assert f"- {scenario.name}, gateway: {result.tail.p50 * 1000:.2f} / " in text
+
+
+async def test_connections_take_the_users_keys_in_turn() -> None:
+    """With several users, each connection sends one user's key, so the load is every user's."""
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        seen.append(dict(scope["headers"])[b"authorization"].decode())
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    server = BackgroundServer(app).start()
+    try:
+        scenario = select(["nonstream-c1"], quick=True)[0]
+        target = gateway_target(server.url, scenario, api_keys=["k1", "k2", "k3"])
+        result = await run_load(target, requests=12, concurrency=3)
+    finally:
+        server.stop()
+    assert result.ok == 12
+    assert sorted(seen) == sorted([f"Bearer k{n}" for n in (1, 2, 3)] * 4)  # each connection sent 4, with its key
+
+
+@pytest.mark.django_db(transaction=True)
+def test_provisioning_makes_each_user_a_key_with_no_practical_limits() -> None:
+    from accounts.selectors import api_key_authenticate
+    from bench.provision import REQUESTS_PER_HOUR, TOKENS_PER_DAY, provision
+
+    keys = provision(users=3)
+
+    principals = [api_key_authenticate(key) for key in keys]
+    assert all(p is not None for p in principals) and len(keys) == 3
+    assert len({p.user_id for p in principals if p is not None}) == 3
+    assert {(p.plan, p.requests_per_hour, p.tokens_per_day) for p in principals if p is not None} == {
+        ("enterprise", REQUESTS_PER_HOUR, TOKENS_PER_DAY)
+    }
+    with pytest.raises(ValueError):
+        provision(users=0)
 
 
 def test_scanner_reads_openai_chunks_and_ignores_role_only_ones() -> None:
