@@ -2,21 +2,22 @@
 
 A caller asks for one run (`fetchone(params)`) and gets that run's first row, as from
 `statements.fetchone`; the runs asked for while a batch is on its way go together as the next
-one (`chatservice.batches`), through `statements.fetchone_each`: in order, in one transaction,
-as one pipeline. Besides the round trips, this spares statements that update one hot row (a
-user's quota for the day) from waiting for each other's locks and commits one at a time.
+one (`chatservice.batches`), through `statements.fetchone_each`: in one transaction, as one
+pipeline. Besides the round trips, this spares statements that update one hot row (a user's
+quota for the day) from waiting for each other's locks and commits one at a time.
 
 A run's outcome is its own: a batch that fails for anything but a lost connection is run again
-one statement at a time, so one bad run (a constraint it violates) fails alone.
-
-`lock_order` gives the key of the row a run locks (a user's quota row for the day): a batch runs
-in that order, so two batches in flight at once lock their rows in the same order and never wait
-for each other in a cycle. Unordered, two batches of several users' requests deadlocked, and
-Postgres broke the cycle only after `deadlock_timeout` (1 s), failing one batch to be run again
-one statement at a time (seen with 64 users' requests in the benchmark). A caller that
+one statement at a time, so one bad run (a constraint it violates) fails alone. A caller that
 is cancelled while its run is on the way does not see the row; `on_abandoned` is given the
 run's parameters and row (None when unknown: the run was cancelled mid-statement, and has ended
 one way or the other), to undo what it did.
+
+`lock_order` gives the key of the row a run locks (a user's quota row for the day): a batch runs
+in that order (as the runs came, without it), so two batches in flight at once lock their rows
+in the same order and never wait for each other in a cycle. Unordered, two batches of several
+users' requests deadlocked, and Postgres broke the cycle only after `deadlock_timeout` (1 s),
+failing one batch to be run again one statement at a time (seen with 64 users' requests in the
+benchmark).
 """
 
 from __future__ import annotations
