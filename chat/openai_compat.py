@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`.
+"""The OpenAI-compatible API: `POST /v1/chat/completions`, `GET /v1/models` and `GET /v1/models/{model}`.
 
 Same pipeline, limits and ledger as every other transport; requests and replies in OpenAI's
 shapes (errors included, so the official SDK raises its own exception classes) for every
@@ -21,7 +21,7 @@ from chat.pipeline import ChatRun, Passthrough, prepare
 from chat.schemas import ChatRequest, parse_chat_request, validation_error
 from chatservice.errors import ServiceError
 from providers.base import ChatMessage
-from providers.catalog import acatalog_entries
+from providers.catalog import CatalogEntry, acatalog_entries, resolve_model
 from usage.admission import rate_limit_headers
 
 _ERROR_TYPES = {
@@ -246,9 +246,41 @@ class ModelList:
             await _send_openai_error(exchange, error)
             return
         entries = await acatalog_entries()
-        data = [
-            {"id": e.name, "object": "model", "created": 0, "owned_by": e.provider}
-            for e in entries
-            if e.enabled and principal.allows_provider(e.provider)
-        ]
+        data = [_model(e) for e in entries if e.enabled and principal.allows_provider(e.provider)]
         await exchange.send_json(200, {"object": "list", "data": data})
+
+
+class ModelRetrieve:
+    """ASGI app for `GET /v1/models/{model}` (the SDK's `models.retrieve`): one model in OpenAI's shape.
+
+    A provider name stands for that provider's default model, as everywhere a model is accepted.
+    A model that is not in the catalog, is disabled, or is outside the caller's plan is a 404
+    `model_not_found`, as OpenAI answers for a model the key cannot use.
+    """
+
+    @json_errors
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = Exchange(scope, receive, send)
+        try:
+            principal = await exchange.caller("GET")
+            requested = str(scope.get("url_route", {}).get("kwargs", {}).get("model", ""))
+            entries = await acatalog_entries()
+            try:
+                entry = resolve_model(entries, requested)
+            except ServiceError:
+                entry = None
+            if entry is None or not principal.allows_provider(entry.provider):
+                raise ServiceError(
+                    "model_not_found",
+                    f"The model {requested!r} does not exist or you do not have access to it.",
+                    status=404,
+                    details={"model": requested},
+                )
+        except ServiceError as error:
+            await _send_openai_error(exchange, error)
+            return
+        await exchange.send_json(200, _model(entry))
+
+
+def _model(entry: CatalogEntry) -> dict[str, Any]:
+    return {"id": entry.name, "object": "model", "created": 0, "owned_by": entry.provider}

@@ -10,7 +10,7 @@ from django.urls import URLPattern, path, re_path
 
 from chat.consumers import ChatConsumer
 from chat.endpoints import BatchEndpoint, ChatEndpoint
-from chat.openai_compat import ChatCompletions, ModelList
+from chat.openai_compat import ChatCompletions, ModelList, ModelRetrieve
 
 
 def sandbox_mounted() -> bool:
@@ -28,6 +28,7 @@ def http_routes() -> list[URLPattern]:
         path("chat/batch", BatchEndpoint()),  # type: ignore[arg-type]
         path("v1/chat/completions", ChatCompletions()),  # type: ignore[arg-type]
         path("v1/models", ModelList()),  # type: ignore[arg-type]
+        path("v1/models/<path:model>", ModelRetrieve()),  # type: ignore[arg-type]
     ]
     if sandbox_mounted():
         from providers.sandbox.app import create_sandbox_app

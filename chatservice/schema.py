@@ -242,25 +242,20 @@ def _openai_paths(components: dict[str, Any]) -> dict[str, Any]:
             },
         },
     }
+    model = {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+        },
+    }
     model_list = {
         "type": "object",
         "required": ["object", "data"],
-        "properties": {
-            "object": {"const": "list"},
-            "data": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["id", "object", "created", "owned_by"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "object": {"const": "model"},
-                        "created": {"type": "integer"},
-                        "owned_by": {"type": "string"},
-                    },
-                },
-            },
-        },
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": model}},
     }
     ok = {
         "description": "The completion (`data:` chunks as Server-Sent Events when stream is true)",
@@ -277,7 +272,11 @@ def _openai_paths(components: dict[str, Any]) -> dict[str, Any]:
     chat["post"]["tags"] = ["openai"]
     models = _get("v1_models_list", "The catalog in OpenAI's list shape", "openai", _json(model_list, "Models"), {})
     models["responses"].update(_errors(error, ("401", "405")))
-    return {"/v1/chat/completions": chat, "/v1/models": {"get": models}}
+    summary = "One model in OpenAI's shape (a provider name: its default model)"
+    one = _get("v1_models_retrieve", summary, "openai", _json(model, "Model"), {})
+    one["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    one["responses"].update(_errors(error, ("401", "404", "405")))
+    return {"/v1/chat/completions": chat, "/v1/models": {"get": models}, "/v1/models/{model}": {"get": one}}
 
 
 def _usage_path(error: dict[str, Any]) -> dict[str, Any]:

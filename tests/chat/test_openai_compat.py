@@ -98,6 +98,28 @@ def test_models_list(service_url, make_user) -> None:
     assert "deepseek-chat" in ids and "gemini-2.5-flash" in ids and "gpt-4o" not in ids
 
 
+def test_models_retrieve(service_url, make_user) -> None:
+    from providers.catalog import catalog_cache
+    from providers.models import LLMModel
+
+    _, key = make_user("free")
+    sdk = client(service_url, key)
+    model = sdk.models.retrieve("deepseek-chat")
+    assert (model.id, model.object, model.owned_by) == ("deepseek-chat", "model", "deepseek")
+    default = LLMModel.objects.get(provider="gemini", is_provider_default=True)
+    assert sdk.models.retrieve("gemini").id == default.name  # a provider name: its default model
+    for hidden in ("gpt-4o", "gpt-99"):  # outside the free plan, and not in the catalog: the same 404
+        with pytest.raises(openai.NotFoundError) as missing:
+            sdk.models.retrieve(hidden)
+        assert missing.value.code == "model_not_found" and hidden in missing.value.message
+    LLMModel.objects.filter(name="deepseek-chat").update(enabled=False)
+    catalog_cache.invalidate()
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("deepseek-chat")
+    with pytest.raises(openai.AuthenticationError):
+        client(service_url, "cs_wrong_key").models.retrieve("deepseek-chat")
+
+
 def test_async_sdk_streams_too(service_url, sandbox, make_user) -> None:
     _, key = make_user("premium")
 

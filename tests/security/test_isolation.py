@@ -233,6 +233,7 @@ MATRIX: dict[str, Callable[[World], None]] = {
     "chat/batch": check_batch,
     "v1/chat/completions": check_completions,
     "v1/models": keyed_get("/v1/models"),
+    "v1/models/<path:model>": keyed_get("/v1/models/deepseek-chat"),
     "^sandbox/": check_sandbox,
     "ws:ws/chat": check_websocket,
 }
