@@ -112,7 +112,10 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # No read timeout: a consumer waits on the layer with BZPOPMIN for up to 5 s at a time,
+            # and redis-py 8's default socket_timeout (5 s) would end that wait with a TimeoutError
+            # that kills the consumer, dropping its WebSocket (chatservice/redis_bounds.py).
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}]},
         }
     }
 else:

@@ -1,0 +1,47 @@
+"""`/ws/chat` as a client drives it over a real socket: a connection that stays open, frames that
+are not JSON text, and a cancel that arrives as the chat ends (one terminal event per chat)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import websockets
+
+from usage.models import UsageRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def ws_url(service_url: str) -> str:
+    return service_url.replace("http://", "ws://") + "/ws/chat"
+
+
+async def until_terminal(ws: Any, request_id: str) -> list[dict[str, Any]]:
+    """The messages for `request_id` up to its done or error."""
+    received = []
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if message.get("request_id") == request_id:
+            received.append(message)
+            if message["type"] in ("done", "error"):
+                return received
+
+
+def test_an_idle_socket_stays_open(service_url, sandbox, make_user) -> None:
+    """The consumer waits on the Redis channel layer 5 s at a time; the layer's connection must not
+    time that wait out (redis-py's default socket_timeout, also 5 s, did and killed the socket)."""
+    _, key = make_user("premium")
+
+    async def scenario() -> list[str]:
+        async with websockets.connect(ws_url(service_url), additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            assert json.loads(await ws.recv()) == {"type": "ready"}
+            with pytest.raises(TimeoutError):  # nothing to say for a while: the socket stays open
+                await asyncio.wait_for(ws.recv(), 7)
+            await ws.send(json.dumps({"type": "chat", "request_id": "late", "message": "hi [[tokens:2]]"}))
+            return [m["type"] for m in await until_terminal(ws, "late")]
+
+    assert asyncio.run(scenario())[-1] == "done"
+    assert UsageRecord.objects.count() == 1
