@@ -87,6 +87,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         await super().websocket_receive(message)
 
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+        # The protocol is JSON text frames. A binary frame is answered like any other bad message,
+        # and an empty text frame as invalid JSON: Channels' JSON consumer raises on both, which
+        # dropped the socket without a close frame and left its running chat going.
+        if text_data is None:
+            error = ServiceError("invalid_request", "Messages must be JSON text frames, not binary.", status=400)
+            await self._error(None, error)
+            return
+        await self.receive_json(await self.decode_json(text_data), **kwargs)
+
     @classmethod
     async def decode_json(cls, text_data: str) -> Any:
         try:

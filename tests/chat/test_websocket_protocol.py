@@ -45,3 +45,26 @@ def test_an_idle_socket_stays_open(service_url, sandbox, make_user) -> None:
 
     assert asyncio.run(scenario())[-1] == "done"
     assert UsageRecord.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "frame", [b'{"type": "chat", "message": "hi"}', b"", ""], ids=["binary", "empty-binary", "empty"]
+)
+def test_a_frame_that_is_not_json_text_is_an_error_and_the_socket_goes_on(
+    service_url, sandbox, make_user, frame
+) -> None:
+    _, key = make_user("premium")
+
+    async def scenario() -> tuple[dict[str, Any], list[str]]:
+        async with websockets.connect(ws_url(service_url), additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            assert json.loads(await ws.recv()) == {"type": "ready"}
+            await ws.send(frame)
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            await ws.send(json.dumps({"type": "chat", "request_id": "next", "message": "hi [[tokens:2]]"}))
+            return refused, [m["type"] for m in await until_terminal(ws, "next")]
+
+    refused, after = asyncio.run(scenario())
+    assert refused["type"] == "error"
+    assert refused["error"]["code"] == ("invalid_json" if frame == "" else "invalid_request")
+    assert after[-1] == "done"
+    assert UsageRecord.objects.count() == 1  # the refused frame started nothing
