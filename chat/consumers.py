@@ -17,7 +17,7 @@ from django.http.request import validate_host
 from accounts.authentication import authenticate_scope
 from accounts.principal import Principal
 from accounts.selectors import api_key_aauthenticate, raw_key_from_headers
-from chat.events import Failed, ws_message
+from chat.events import Done, Failed, ws_message
 from chat.pipeline import ChatRun, prepare
 from chat.schemas import parse_chat_request
 from chatservice.errors import ServiceError
@@ -47,7 +47,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     """Messages in: auth, chat, cancel. Out: ready, start, token, done, error (DESIGN.md §6)."""
 
     principal: Principal | None = None
-    running: tuple[str, ChatRun, asyncio.Task[None]] | None = None
+    running: tuple[str, ChatRun, asyncio.Task[bool]] | None = None
     auth_timer: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
@@ -166,13 +166,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         task = asyncio.create_task(self._pump(echo_id, run))
         self.running = (echo_id, run, task)
 
-    async def _pump(self, echo_id: str, run: ChatRun) -> None:
+    async def _pump(self, echo_id: str, run: ChatRun) -> bool:
+        """Send the run's events; True when its own terminal event (done or error) went out."""
+        ended = False
         try:
             async for event in run.events():
                 await self.send_json(ws_message(event, echo_id))
+                ended = isinstance(event, Done | Failed)
         finally:
             self.running = None
         await run.wait_settled()
+        return ended
 
     async def _cancel(self, content: dict[str, Any]) -> None:
         wanted = content.get("request_id")
@@ -181,9 +185,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         echo_id, run, task = self.running
         run.cancel("cancelled")
+        ended = False
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            ended = await task
         await run.wait_settled()
+        if ended:
+            # The chat finished before the cancel reached it: its done (or error) went out and is
+            # its one terminal event; the cancel is answered as one for a chat no longer running.
+            await self._error(echo_id, ServiceError("not_found", "No running chat with that request_id.", status=404))
+            return
         await self._error(echo_id, ServiceError("cancelled", "The chat was cancelled.", status=499))
 
     async def _error(self, request_id: Any, error: ServiceError) -> None:

@@ -68,3 +68,43 @@ def test_a_frame_that_is_not_json_text_is_an_error_and_the_socket_goes_on(
     assert refused["error"]["code"] == ("invalid_json" if frame == "" else "invalid_request")
     assert after[-1] == "done"
     assert UsageRecord.objects.count() == 1  # the refused frame started nothing
+
+
+def test_a_cancel_as_the_chat_ends_never_adds_a_second_terminal_event(service_url, sandbox, make_user) -> None:
+    """Cancel right after the last token: the chat ends either cancelled or done, never both
+    (a done is followed by the cancel's own answer, `not_found`: no chat is running any more)."""
+    _, key = make_user("premium")
+
+    async def scenario() -> list[list[tuple[str, str | None]]]:
+        outcomes = []
+        async with websockets.connect(ws_url(service_url), additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            assert json.loads(await ws.recv()) == {"type": "ready"}
+            for i in range(5):
+                rid = f"r{i}"
+                body = {
+                    "type": "chat",
+                    "request_id": rid,
+                    "message": f"n{i} [[tokens:3]] [[slow:30]]",
+                    "model": "openai",
+                }
+                await ws.send(json.dumps(body))
+                tokens = 0
+                while True:
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert message["request_id"] == rid
+                    if message["type"] == "token":
+                        tokens += 1
+                        if tokens == 3:
+                            await ws.send(json.dumps({"type": "cancel", "request_id": rid}))
+                    if message["type"] in ("done", "error"):
+                        break
+                events = [(message["type"], message.get("error", {}).get("code"))]
+                if message["type"] == "done":  # the cancel is still answered: read that answer too
+                    answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert answer["request_id"] == rid
+                    events.append((answer["type"], answer.get("error", {}).get("code")))
+                outcomes.append(events)
+        return outcomes
+
+    for events in asyncio.run(scenario()):
+        assert events in ([("error", "cancelled")], [("done", None), ("error", "not_found")]), events
