@@ -41,14 +41,14 @@ def _parse_moment(value: str, name: str, *, end: bool) -> datetime:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-    except ValueError:
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: the day after 9999-12-31, or out of range in UTC
         raise ServiceError(
             "invalid_request",
             f"{name} must be an ISO date (YYYY-MM-DD) or date-time.",
             status=400,
             details={"fields": {name: "must be an ISO date or date-time"}},
         ) from None
-    return moment.astimezone(UTC)
 
 
 def period_from_params(params: dict[str, str], *, now: datetime | None = None) -> Period:

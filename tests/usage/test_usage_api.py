@@ -166,6 +166,9 @@ def test_staff_may_read_any_user_and_others_get_404(service_url, make_user) -> N
         ({"from": "2026-03-10", "to": "2026-03-09"}, "to"),
         ({"from": "2024-01-01", "to": "2026-01-01"}, "from"),
         ({"from": "2026-03-01", "period": "week"}, "period"),
+        ({"to": "9999-12-31"}, "to"),  # its end, the next day's midnight, is past datetime's range
+        ({"to": "9999-12-31T23:00:00-05:00"}, "to"),  # past the range in UTC
+        ({"from": "0001-01-01T00:00:00+01:00"}, "from"),  # before the range in UTC
     ],
 )
 def test_bad_parameters_are_400_in_the_error_shape(service_url, make_user, params, field) -> None:
