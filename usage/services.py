@@ -124,7 +124,19 @@ async def _usage_write_once(outcome: ChatOutcome) -> UsageRecord:
     except IntegrityError:
         existing = await db_async(UsageRecord.objects.filter(request_id=outcome.request_id).first)()
         if existing is not None:
-            return existing  # an earlier try committed before its connection broke
+            if existing.user_id == outcome.user_id and existing.created_at == outcome.created_at:
+                return existing  # an earlier try committed before its connection broke
+            # The id is another request's: a client sent an X-Request-ID that is already in the
+            # ledger (a retry with the same id, or someone else's). This request's usage is still
+            # owed, its reservation still held and its conversation still to keep: it is recorded
+            # under an id of its own.
+            fresh = dataclasses.replace(outcome, request_id=uuid.uuid4())
+            logger.warning(
+                "the request id is already in the ledger; the usage is recorded under %s",
+                fresh.request_id,
+                extra={"request_id": str(outcome.request_id)},
+            )
+            return await _usage_write_once(fresh)
     # A row the write refers to was deleted while the reply was generated (the conversation, or
     # the API key by an operator): the usage is still owed, so it is recorded without them.
     logger.warning(

@@ -172,6 +172,27 @@ def test_client_request_id_is_used_when_it_is_a_uuid(service_url, sandbox, make_
     assert other.headers["X-Request-ID"] != "nope"
 
 
+def test_a_reused_request_id_is_still_billed_and_keeps_its_conversation(service_url, sandbox, make_user) -> None:
+    """A client that sends an X-Request-ID already in the ledger (its own retry, or another user's
+    id) is served, so its usage is recorded, its reservation settled and its conversation kept."""
+    from usage.models import TokenReservation
+
+    owner, owner_key = make_user("premium")
+    other, other_key = make_user("premium")
+    rid = "5d7c0e1a-2b3c-4d5e-8f90-a1b2c3d4e5f6"
+    first = post(service_url, owner_key, {"message": "hi [[tokens:2]]", "model": "deepseek"}, **{"X-Request-ID": rid})
+    again = post(service_url, owner_key, {"message": "hi [[tokens:3]]", "model": "deepseek"}, **{"X-Request-ID": rid})
+    theirs = post(service_url, other_key, {"message": "hi [[tokens:4]]", "model": "deepseek"}, **{"X-Request-ID": rid})
+    assert [r.status_code for r in (first, again, theirs)] == [200, 200, 200]
+    assert UsageRecord.objects.filter(request_id=rid).get().user_id == owner.pk  # the first keeps its id
+    assert sorted(UsageRecord.objects.filter(user=owner).values_list("output_tokens", flat=True)) == [2, 3]
+    assert list(UsageRecord.objects.filter(user=other).values_list("output_tokens", flat=True)) == [4]
+    assert TokenReservation.objects.count() == 0  # every reservation settled, none left to be reaped
+    for response, user in ((again, owner), (theirs, other)):
+        conversation = Conversation.objects.get(id=response.json()["conversation_id"])
+        assert conversation.user_id == user.pk and conversation.messages.count() == 2
+
+
 def test_control_characters_are_removed_and_stored_text_is_what_remains(service_url, sandbox, make_user) -> None:
     _, key = make_user("premium")
     body = {"message": "he\u0000llo\u0007 wo\trld\n", "model": "deepseek", "system_prompt": "x\u0000y"}
