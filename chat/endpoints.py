@@ -66,6 +66,7 @@ class ChatEndpoint:
         if result is None:
             return
         if isinstance(result, Done):
+            exchange.request_id = run.ledger_request_id  # X-Request-ID: the ledger's, as the body's
             await exchange.send_json(200, result.response, headers)
         else:
             await exchange.send_error(result.error, headers)

@@ -126,7 +126,7 @@ def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
 
 
 def _completion_id(run: ChatRun) -> str:
-    return f"chatcmpl-{run.prepared.request_id.hex}"
+    return f"chatcmpl-{run.ledger_request_id.hex}"
 
 
 def _usage(response: dict[str, Any]) -> dict[str, int]:
@@ -185,6 +185,7 @@ class ChatCompletions:
             ],
             "usage": _usage(response),
         }
+        exchange.request_id = run.ledger_request_id
         await exchange.send_json(200, body, headers)
 
     async def _stream(

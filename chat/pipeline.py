@@ -308,11 +308,17 @@ class ChatRun:
         with contextlib.suppress(SlowClient):
             await self._put(self._terminal(outcome, trace, error))
 
+    @property
+    def ledger_request_id(self) -> uuid.UUID:
+        """The request's id in the ledger: the one it was prepared with, unless that id (a client's
+        X-Request-ID) was already another request's and the record was written under a fresh one."""
+        return self.record.request_id if self.record is not None else self.prepared.request_id
+
     def _terminal(self, outcome: ChatOutcome | None, trace: RouteTrace, error: ServiceError | None) -> ChatEvent:
         """The one event that ends the stream: done with the ChatResponse, or error."""
         if error is None and outcome is not None:
             try:
-                return Done(chat_response(self.prepared, outcome, trace))
+                return Done(chat_response(self.prepared, outcome, trace, request_id=self.ledger_request_id))
             except Exception:
                 logger.exception("could not build the response", extra={"request_id": str(self.prepared.request_id)})
         return Failed(error or ServiceError("internal_error", "The request failed unexpectedly.", status=500))
@@ -429,8 +435,10 @@ def _observe(outcome: ChatOutcome) -> None:
         )
 
 
-def chat_response(prepared: PreparedChat, outcome: ChatOutcome, trace: RouteTrace) -> dict[str, object]:
-    """The ChatResponse of DESIGN.md §6."""
+def chat_response(
+    prepared: PreparedChat, outcome: ChatOutcome, trace: RouteTrace, *, request_id: uuid.UUID | None = None
+) -> dict[str, object]:
+    """The ChatResponse of DESIGN.md §6 (`request_id`: the ledger's, when not the prepared one)."""
     return {
         "message": outcome.reply,
         "model_used": outcome.model,
@@ -439,7 +447,7 @@ def chat_response(prepared: PreparedChat, outcome: ChatOutcome, trace: RouteTrac
         "conversation_id": str(prepared.conversation_id),
         "timestamp": outcome.created_at.isoformat().replace("+00:00", "Z"),
         "processing_time": round(outcome.latency_ms / 1000, 3),
-        "request_id": str(prepared.request_id),
+        "request_id": str(request_id or prepared.request_id),
         "provider": outcome.provider,
         "input_tokens": outcome.input_tokens,
         "output_tokens": outcome.output_tokens,

@@ -191,6 +191,10 @@ def test_a_reused_request_id_is_still_billed_and_keeps_its_conversation(service_
     for response, user in ((again, owner), (theirs, other)):
         conversation = Conversation.objects.get(id=response.json()["conversation_id"])
         assert conversation.user_id == user.pk and conversation.messages.count() == 2
+        # the answer names the request's own record (written under a fresh id), not the first one
+        ledger_id = response.json()["request_id"]
+        assert ledger_id != rid and response.headers["X-Request-ID"] == ledger_id
+        assert UsageRecord.objects.get(request_id=ledger_id).user_id == user.pk
 
 
 def test_control_characters_are_removed_and_stored_text_is_what_remains(service_url, sandbox, make_user) -> None:

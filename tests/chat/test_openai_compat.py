@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import openai
 import pytest
@@ -96,6 +97,18 @@ def test_models_list(service_url, make_user) -> None:
     _, key = make_user("free")
     ids = {m.id for m in client(service_url, key).models.list()}
     assert "deepseek-chat" in ids and "gemini-2.5-flash" in ids and "gpt-4o" not in ids
+
+
+def test_a_reused_request_id_gets_its_own_record_and_completion_id(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    rid = "0b7f3c52-4a8e-4d1f-9c6b-2e5a7d9f1c3e"
+    sdk = client(service_url, key).with_options(default_headers={"X-Request-ID": rid})
+    first = sdk.chat.completions.with_raw_response.create(model="deepseek", messages=[{"role": "user", "content": "a"}])
+    again = sdk.chat.completions.with_raw_response.create(model="deepseek", messages=[{"role": "user", "content": "b"}])
+    assert first.headers["x-request-id"] == rid and first.parse().id == f"chatcmpl-{uuid.UUID(rid).hex}"
+    fresh = again.headers["x-request-id"]
+    assert fresh != rid and again.parse().id == f"chatcmpl-{uuid.UUID(fresh).hex}"
+    assert UsageRecord.objects.filter(request_id__in=[rid, fresh]).count() == 2
 
 
 def test_models_retrieve(service_url, make_user) -> None:
