@@ -55,8 +55,9 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     try:
         return min(max(float(raw), 0.0), MAX_RETRY_AFTER_SECONDS)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(raw) if raw else None
-        if parsed is None:
+        try:
+            parsed = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):  # neither seconds nor an HTTP date: as if absent
             return None
         return min(max(parsed.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER_SECONDS)
 

@@ -143,6 +143,7 @@ async def test_stop_sequence_and_temperature_reach_the_upstream(
         ("[[fail:502]]", ProviderUnavailable, 502, None),
         ("[[fail:503]] [[retry-after:2]]", ProviderUnavailable, 503, 2.0),
         ("[[fail:529]]", ProviderUnavailable, 529, None),
+        ("[[fail:529]] [[retry-after:soon]]", ProviderUnavailable, 529, None),  # unreadable: as if absent
         ("[[fail:400]]", ProviderBadRequest, 400, None),
         ("[[fail:401]]", ProviderAuthError, 401, None),
         ("[[fail:403]]", ProviderAuthError, 403, None),

@@ -195,6 +195,8 @@ async def test_list_models_with_a_bad_key(sandbox: SandboxState, sandbox_server:
         ("[[fail:429]]", RateLimited, 429, 1.0),
         ("[[fail:429]] [[retry-after:7]]", RateLimited, 429, 7.0),
         ("[[fail:429]] [[retry-after:none]]", RateLimited, 429, None),
+        ("[[fail:429]] [[retry-after:Wed, 21 Oct 2099 07:28:00 GMT]]", RateLimited, 429, 3600.0),  # capped
+        ("[[fail:429]] [[retry-after:soon]]", RateLimited, 429, None),  # unreadable: as if absent
         ("[[fail:500]]", ProviderUnavailable, 500, None),
         ("[[fail:502]]", ProviderUnavailable, 502, None),
         ("[[fail:503]] [[retry-after:2]]", ProviderUnavailable, 503, 2.0),
