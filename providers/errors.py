@@ -31,7 +31,7 @@ from providers.base import (
 
 _CONTEXT_LENGTH = re.compile(
     r"context[_ ]length|context window|maximum context|too many tokens|prompt is too long|"
-    r"input token count|exceeds the maximum number of tokens",
+    r"input token count|exceeds the maximum number of tokens|exceed context limit",
     re.IGNORECASE,
 )
 _CONTENT_POLICY = re.compile(r"content[_ ]policy|content[_ ]filter|safety|blocked|harmful", re.IGNORECASE)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import httpx2
 import pytest
@@ -178,6 +179,48 @@ async def test_retryable_and_final_errors_are_told_apart(sandbox: SandboxState, 
     assert overloaded is not None and overloaded.retryable
     assert context is not None and not context.retryable
     assert "prompt is too long" in context.message
+
+
+@contextlib.asynccontextmanager
+async def _upstream_answering(status: int, body: Mapping[str, object]) -> AsyncIterator[str]:
+    """A loopback upstream that answers every request with `status` and the JSON `body`; its base URL."""
+    payload = json.dumps(body).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if b"content-length:" in line.lower())
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 %d Error\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (status, len(payload))
+            + b"connection: close\r\n\r\n"
+            + payload
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_input_plus_max_tokens_over_the_window_is_context_length_exceeded(
+    make_provider: Callable[..., AnthropicProvider],
+) -> None:
+    """Anthropic's other context-window 400: the prompt fits, the prompt plus `max_tokens` does not."""
+    message = (
+        "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, "
+        "decrease input length or `max_tokens` and try again"
+    )
+    body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}, "request_id": "req_1"}
+    async with _upstream_answering(400, body) as base_url:
+        events, error = await _run(make_provider(base_url=base_url), _request("long"))
+
+    assert events == []
+    assert type(error) is ContextLengthExceeded
+    assert (error.status, error.retryable) == (400, False)
 
 
 @pytest.mark.parametrize("marker", ["[[fail:529]]", "[[fail:503]]", "[[fail:429]]", "[[fail:conn]]"])
