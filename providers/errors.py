@@ -34,7 +34,10 @@ _CONTEXT_LENGTH = re.compile(
     r"input token count|exceeds the maximum number of tokens|exceed context limit",
     re.IGNORECASE,
 )
-_CONTENT_POLICY = re.compile(r"content[_ ]policy|content[_ ]filter|safety|blocked|harmful", re.IGNORECASE)
+# DeepSeek refuses content with a bare 400 "Content Exists Risk" (type and code invalid_request_error).
+_CONTENT_POLICY = re.compile(
+    r"content[_ ]policy|content[_ ]filter|safety|blocked|harmful|content exists risk", re.IGNORECASE
+)
 MAX_RETRY_AFTER_SECONDS = 3600.0
 
 

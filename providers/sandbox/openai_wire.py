@@ -68,6 +68,10 @@ _FAILURES: dict[str, tuple[int, str, str, str | None, str | None]] = {
         None,
     ),
 }
+# DeepSeek's own answer where it differs from OpenAI's: content it refuses is a bare "Content Exists Risk".
+_DEEPSEEK_FAILURES: dict[str, tuple[int, str, str, str | None, str | None]] = {
+    "policy": (400, "Content Exists Risk", "invalid_request_error", "invalid_request_error", None),
+}
 
 
 def routes(state: SandboxState, provider: str = "openai") -> list[BaseRoute]:
@@ -222,7 +226,9 @@ class _Wire:
                 code="context_length_exceeded",
                 param="messages",
             )
-        if code in _FAILURES:
+        if self.provider == "deepseek" and code in _DEEPSEEK_FAILURES:
+            status, message, type_, err_code, param = _DEEPSEEK_FAILURES[code]
+        elif code in _FAILURES:
             status, message, type_, err_code, param = _FAILURES[code]
         elif code.isdigit():
             status, message, type_, err_code, param = int(code), f"Sandbox error {code}.", "server_error", None, None

@@ -223,6 +223,15 @@ async def test_status_faults_map_to_provider_errors(
     assert [c.status for c in sandbox.calls()] == [status, status]
 
 
+async def test_deepseek_content_refusal_is_a_content_policy_error(sandbox: SandboxState) -> None:
+    """DeepSeek refuses content with 400 "Content Exists Risk" (type and code invalid_request_error)."""
+    events, error = await collect(registry.get("deepseek"), make_request("hi [[fail:policy]]"))
+    assert type(error) is ContentPolicyError
+    assert "Content Exists Risk" in error.message
+    assert (error.status, error.retryable) == (400, False)
+    assert events == []
+
+
 async def test_chunks_that_arrive_together_are_one_delta(sandbox: SandboxState) -> None:
     """A burst (chunks read off the socket at once) is one Delta with their text, in order."""
     prompt = "burst [[tokens:40]]"
