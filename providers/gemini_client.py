@@ -155,7 +155,8 @@ class GeminiProvider:
         except ProviderError:
             raise
         except Exception as exc:
-            raise map_error(self.name, exc, api_key=self._api_key) from exc
+            # Once the upstream answered (`opened`), a ValueError is the SDK refusing the answer, not the request.
+            raise map_error(self.name, exc, api_key=self._api_key, answered=bool(opened)) from exc
         finally:
             await _close(chunks, opened)
 
@@ -180,8 +181,11 @@ class GeminiProvider:
             await self._http.aclose()
 
 
-def map_error(provider: str, exc: Exception, *, api_key: str) -> ProviderError:
-    """The provider error for whatever the SDK or the transport raised, with `api_key` redacted."""
+def map_error(provider: str, exc: Exception, *, api_key: str, answered: bool = False) -> ProviderError:
+    """The provider error for whatever the SDK or the transport raised, with `api_key` redacted.
+
+    `answered`: the upstream's response had arrived (so a ValueError is the SDK refusing its body).
+    """
     if isinstance(exc, genai_errors.APIError):
         return _from_api_error(provider, exc, api_key)
     if isinstance(exc, genai_errors.UnknownApiResponseError):
@@ -189,7 +193,10 @@ def map_error(provider: str, exc: Exception, *, api_key: str) -> ProviderError:
     if (error := from_transport(provider, exc)) is not None:
         return error
     described = _redact(f"{type(exc).__name__}: {exc}", api_key)
-    if isinstance(exc, ValueError | TypeError):  # the SDK refused the request before sending it
+    if isinstance(exc, ValueError | TypeError):
+        if answered:  # a response the SDK's models refuse (pydantic's ValidationError is a ValueError)
+            return ProviderUnavailable(provider, f"malformed response from upstream ({described})")
+        # the SDK refused the request before sending it
         return ProviderBadRequest(provider, f"request rejected by the client library ({described})")
     return ProviderError(provider, f"unexpected client error ({described})")
 

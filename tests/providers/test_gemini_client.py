@@ -296,6 +296,41 @@ async def test_an_in_stream_error_gives_k_deltas_then_unavailable(
     assert len(sandbox.calls("gemini")) == 1
 
 
+async def test_a_malformed_upstream_chunk_is_unavailable_not_a_bad_request(make_provider: MakeProvider) -> None:
+    """A chunk that is JSON but not a GenerateContentResponse (the SDK's pydantic model refuses it) is
+    the upstream's failure, retryable, like an unparseable one; not a request the client library refused."""
+    good = {
+        "candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}, "index": 0}],
+        "modelVersion": MODEL,
+    }
+    bad = {"candidates": [{"content": {"parts": "not a list", "role": "model"}, "index": 0}], "modelVersion": MODEL}
+    body = b"".join(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n" for chunk in (good, bad))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if b"content-length:" in line.lower())
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n" % len(body)
+            + b"connection: close\r\n\r\n"
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        provider = make_provider(base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        events, error = await collect(provider, ask("hello"))
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert deltas(events) == ["Hi"]
+    assert type(error) is ProviderUnavailable
+    assert error.retryable
+
+
 async def test_a_closed_port_is_a_connection_error(make_provider: MakeProvider) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
