@@ -297,7 +297,10 @@ class Router:
                 stream = registry.get(entry.provider).stream(provider_request)
                 committed, held = False, []
                 while True:
-                    limit = cfg.idle_timeout if first_at is not None else cfg.first_token_timeout
+                    if first_at is None:  # what is left of the first-token timeout, counted from the call
+                        limit = max(0.0, started + cfg.first_token_timeout - self._clock())
+                    else:
+                        limit = cfg.idle_timeout
                     event = await self._next_event(stream, entry, plan, limit, first_at is None, watch)
                     if event is None:
                         raise ProviderUnavailable(entry.provider, "the stream ended without a finish")
@@ -362,8 +365,11 @@ class Router:
                 raise DeadlineExceeded(
                     entry.provider, f"request deadline of {plan.cfg.deadline:g} s passed while streaming"
                 ) from None
-            what = "no first token" if first else "the stream went silent"
-            raise ProviderTimeout(entry.provider, f"{what} within {limit:g} s") from None
+            if first:
+                raise ProviderTimeout(
+                    entry.provider, f"no first token within {plan.cfg.first_token_timeout:g} s"
+                ) from None
+            raise ProviderTimeout(entry.provider, f"the stream went silent within {limit:g} s") from None
         finally:
             watch.disarm()
 

@@ -30,6 +30,7 @@ class Step:
     """One scripted upstream call: wait, stream `texts`, then maybe fail, or hang forever."""
 
     texts: tuple[str, ...] = ("Hello", " world")
+    start_delay: float = 0.0  # seconds before Start (an upstream slow to begin its answer)
     first_delay: float = 0.0  # seconds before the first event (after Start)
     delay: float = 0.0  # seconds between deltas
     error: ErrorFactory | None = None
@@ -82,6 +83,8 @@ class ScriptedProvider:
         self.peak_active = max(self.peak_active, self.active)
         ended = False
         try:
+            if step.start_delay:
+                await asyncio.sleep(step.start_delay)
             yield Start(self.name, request.model)
             if step.hang:
                 await asyncio.sleep(3600)

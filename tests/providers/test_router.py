@@ -39,6 +39,7 @@ from providers.sandbox.faults import SandboxState, reply_tokens
 from tests.providers.scripted import (
     FakeClock,
     ScriptedProvider,
+    Step,
     collect,
     collect_until_error,
     fail,
@@ -198,6 +199,21 @@ async def test_hang_past_first_token_timeout_retries_then_falls_back(scripted: d
     assert calls(scripted) == {"openai": 2, "claude": 1}
     assert scripted["openai"].closed_early == 2 and scripted["openai"].active == 0  # both hung calls closed
     assert 0.6 <= elapsed < 3.0
+
+
+async def test_first_token_timeout_runs_from_the_call_not_from_start(scripted: dict[str, ScriptedProvider]) -> None:
+    """A Start (the head of the answer: Anthropic's message_start, OpenAI's role chunk) is no token:
+    an upstream that takes most of the timeout to begin and most of it again to its first token
+    has not produced one within the timeout."""
+    scripted["openai"].push(Step(texts=("late",), start_delay=0.2, first_delay=0.2))
+    trace = RouteTrace()
+
+    with override_settings(FIRST_TOKEN_TIMEOUT_SECONDS=0.3, MAX_RETRY_ATTEMPTS=1, ENABLE_FALLBACK=False):
+        events, error = await collect_until_error(Router(), route_request(await entry("gpt-4o-mini")), trace)
+
+    assert isinstance(error, ProviderTimeout) and "no first token within 0.3 s" in error.message
+    assert events == [] and not trace.delivered
+    assert scripted["openai"].closed_early == 1
 
 
 async def test_a_slow_reader_is_not_an_upstream_silence(scripted: dict[str, ScriptedProvider]) -> None:
