@@ -193,6 +193,8 @@ class ChatRun:
         self.finish_reason = "stop"
         self._settled: asyncio.Event | None = None  # made when asked for (each Event holds a deque)
         self._is_settled = False
+        self._producing = False  # the producer task has taken its first step
+        self._cancel_requested = False  # cancelled before that step
 
     @property
     def settled(self) -> asyncio.Event:
@@ -212,7 +214,12 @@ class ChatRun:
         """Stop the upstream call; the run settles as cancelled."""
         self._cancel_code = code
         if self._task is not None and not self._task.done():
-            self._task.cancel()
+            if self._producing:
+                self._task.cancel()
+            else:
+                # A task cancelled before its first step never runs its body, so its `finally`
+                # (the settlement) would never run: the producer sees this flag and settles.
+                self._cancel_requested = True
 
     async def wait_settled(self) -> None:
         """Wait until the ledger write finished (or the producer ended)."""
@@ -253,7 +260,10 @@ class ChatRun:
         status = "ok"
         error: ServiceError | None = None
         cancelled = False
+        self._producing = True
         try:
+            if self._cancel_requested:
+                raise asyncio.CancelledError()
             stream = get_router().stream(prepared.route, trace)
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for event in stream:

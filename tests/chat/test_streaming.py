@@ -266,3 +266,42 @@ async def test_a_client_that_stops_reading_is_dropped_and_billed_as_cancelled(sa
             break
         await asyncio.sleep(0.02)  # the sandbox's state lives in another thread
     assert sandbox.active_streams == 0 and sandbox.aborted_streams == 1
+
+
+async def test_a_run_cancelled_before_its_producer_ran_is_settled(sandbox, make_user) -> None:
+    """A client that hangs up while the request is being admitted: the disconnect watcher
+    cancels the run in the same loop turn that started it, before the producer task's first
+    step. A task cancelled then never runs its body, so it must still settle (one cancelled
+    record, the reservation returned) and end the event stream rather than leave it waiting."""
+    from accounts.selectors import api_key_authenticate
+    from chat.pipeline import ChatRun, prepare
+    from chat.schemas import ChatRequest
+    from chatservice.db import db_async
+    from chatservice.request_ids import request_id_from
+    from usage.models import DailyTokenUsage, TokenReservation
+
+    user, key = await db_async(make_user)("premium")
+    principal = await db_async(api_key_authenticate)(key)
+    assert principal is not None
+    prepared = await prepare(
+        principal=principal,
+        chat=ChatRequest(message="x [[tokens:5]]", model="openai"),
+        transport="sse",
+        request_id=request_id_from(None),
+    )
+    run = ChatRun(prepared).start()
+    run.cancel("cancelled")  # as `disconnect_guard` does when the hang-up is already queued
+
+    async def drain() -> list[object]:
+        return [event async for event in run.events()]
+
+    events = await asyncio.wait_for(drain(), timeout=5)  # ends, rather than waiting forever
+    await asyncio.wait_for(run.settled.wait(), timeout=5)
+    assert events == []
+    record = run.record
+    assert record is not None and record.status == "cancelled" and record.error_code == "cancelled"
+    assert (record.input_tokens, record.output_tokens) == (0, 0)
+    assert not await db_async(TokenReservation.objects.filter(user=user).exists)()
+    day = await db_async(DailyTokenUsage.objects.get)(user=user)
+    assert (day.used, day.reserved) == (0, 0)
+    assert len(sandbox.requests) == 0  # nothing went upstream
