@@ -96,11 +96,15 @@ def _insert(objs: Sequence[Model], param: str, params: dict[str, Any]) -> str:
     return table.sql
 
 
+# The reservation is deleted before the day row is locked, the order the reaper and release take
+# (`usage.quotas._reap_rows`): the day row's insert reads `held` in its FROM, so the DELETE runs
+# before the insert meets (and locks) the existing row. Read only in the SET, `held` ran after
+# that lock, and a write settling a reservation the reaper had just deleted deadlocked with it.
 _SETTLE_CTES = (
     "held AS (DELETE FROM usage_tokenreservation WHERE id = %(reservation_id)s RETURNING tokens)",
     """day_row AS (
     INSERT INTO usage_dailytokenusage (user_id, day, used, reserved)
-    VALUES (%(user_id)s, %(day)s, %(actual)s, 0)
+    SELECT %(user_id)s, %(day)s, %(actual)s, 0 FROM (SELECT count(*) FROM held) AS held_first
     ON CONFLICT (user_id, day) DO UPDATE
         SET used = usage_dailytokenusage.used + EXCLUDED.used,
             reserved = usage_dailytokenusage.reserved - COALESCE((SELECT SUM(tokens) FROM held), 0))""",

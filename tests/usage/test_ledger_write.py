@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import IntegrityError
+from django.db.models import F
 
 from accounts.services import user_get_or_create
 from chat.models import Conversation, Message
@@ -102,6 +103,48 @@ def test_a_reaped_reservation_only_adds_usage(user_id: int) -> None:
 
     assert _row(user_id) == (280, 70)  # the other reservation is untouched
     assert TokenReservation.objects.filter(id=kept.id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_write_racing_the_reaper_for_its_reservation_does_not_deadlock(user_id: int) -> None:
+    """The reaper deletes a reservation, then updates its day row (`_reap_rows`); a request
+    settling that reservation meanwhile must take the rows in the same order (the reservation,
+    then the day row), or each waits for the other until Postgres fails one as a deadlock."""
+    import threading
+    import time
+
+    from django.db import connection, connections, transaction
+
+    reservation = token_reserve(user_id=user_id, limit=10_000, tokens=300, now=NOON)
+    errors: list[BaseException] = []
+
+    def settle() -> None:
+        try:
+            usage_settle(outcome=_outcome(user_id, reservation))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    settler = threading.Thread(target=settle)
+    with transaction.atomic():  # the reaper's transaction, paused between its two steps
+        assert TokenReservation.objects.filter(pk=reservation.id).delete()[0] == 1
+        settler.start()
+        deadline = time.monotonic() + 5
+        with connection.cursor() as cursor:  # until the settlement waits for a lock the reaper holds
+            while time.monotonic() < deadline:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+                )
+                if cursor.fetchone()[0]:
+                    break
+                time.sleep(0.01)
+        DailyTokenUsage.objects.filter(user_id=user_id, day=NOON.date()).update(reserved=F("reserved") - 300)
+    settler.join(timeout=10)
+
+    assert errors == []
+    assert _row(user_id) == (42, 0)  # reaped once, the usage added once
+    assert UsageRecord.objects.filter(user_id=user_id).count() == 1
 
 
 def test_a_deleted_day_row_is_recreated_with_the_usage(user_id: int) -> None:
