@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.db.models import Count, QuerySet
 from rest_framework import generics
-from rest_framework.pagination import CursorPagination
+from rest_framework.exceptions import NotFound
+from rest_framework.pagination import Cursor, CursorPagination
 from rest_framework.request import Request
 
 from accounts.principal import Principal
@@ -27,6 +29,17 @@ class RecentFirst(CursorPagination):
     page_size = 20
     max_page_size = 100
     page_size_query_param = "page_size"
+
+    def decode_cursor(self, request: Request) -> Cursor | None:
+        """DRF's decoding, plus a check that the position is a time: the cursor comes from the
+        client, and a position the ORM cannot read would otherwise fail the query (a 500)."""
+        cursor: Cursor | None = super().decode_cursor(request)
+        if cursor is not None and cursor.position is not None:
+            try:
+                Conversation._meta.get_field("updated_at").to_python(cursor.position)
+            except ValidationError:
+                raise NotFound(self.invalid_cursor_message) from None
+        return cursor
 
 
 class ConversationList(generics.ListAPIView):

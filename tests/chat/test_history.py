@@ -4,6 +4,7 @@ and another user's conversations answered 404 in the JSON error shape."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -139,3 +140,41 @@ def test_history_needs_a_key(service_url) -> None:
     response = httpx.get(f"{service_url}/history")
     assert response.status_code == 401 and response.json()["error"]["code"] == "unauthenticated"
     assert httpx.get(f"{service_url}/history/{uuid.uuid4()}").status_code == 401
+
+
+def _cursor(query: str) -> str:
+    return base64.b64encode(query.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _cursor("p=garbage"),
+        _cursor("o=1&p=x"),
+        _cursor("p=" + "9" * 5000),
+        _cursor("p=2026-13-45 10:00:00"),
+        "not base64 at all",
+    ],
+)
+def test_a_malformed_cursor_is_404_invalid_cursor_not_a_500(service_url, make_user, cursor: str) -> None:
+    user, key = make_user("premium")
+    make_conversations(user, 2)
+    response = httpx.get(f"{service_url}/history", params={"cursor": cursor}, headers=auth(key))
+    assert response.status_code == 404, response.text
+    assert response.json() == {"error": {"code": "not_found", "message": "Invalid cursor", "details": {}}}
+
+
+def test_conversations_active_at_the_same_instant_are_each_listed_once(service_url, make_user) -> None:
+    user, key = make_user("premium")
+    made = make_conversations(user, 7)
+    Conversation.objects.filter(user=user).update(updated_at=datetime(2026, 1, 1, tzinfo=UTC))
+
+    seen: list[str] = []
+    url: str | None = f"{service_url}/history?page_size=3"
+    pages = 0
+    while url is not None and pages < 10:
+        page = httpx.get(url, headers=auth(key)).json()
+        seen += [row["id"] for row in page["results"]]
+        url = page["next"]
+        pages += 1
+    assert sorted(seen) == sorted(str(c.id) for c in made) and len(seen) == 7
