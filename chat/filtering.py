@@ -17,7 +17,7 @@ import importlib
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,16 +191,29 @@ rule_cache = RuleCache()
 
 async def screen(text: str) -> Verdict:
     """Block (raise ServiceError 400 `content_blocked`) or flag a message by the ContentRule table."""
-    decision = evaluate(text, await rule_cache.aget())
-    if decision.blocked:
-        logger.info("message blocked by content rule %s", decision.rule_id)
-        raise ServiceError(
-            "content_blocked",
-            "The message was blocked by the content filter.",
-            status=400,
-            details={"rule_id": decision.rule_id},
-        )
-    return Verdict(flagged=decision.flagged, rule_id=decision.rule_id)
+    return await screen_all((text,))
+
+
+async def screen_all(texts: Iterable[str]) -> Verdict:
+    """`screen` over every text a request sends upstream (its message, its system prompt, the
+    earlier turns a client supplies): the first block raises; otherwise flagged by the first flag."""
+    rules = await rule_cache.aget()
+    flagged = Verdict()
+    for text in dict.fromkeys(texts):
+        if not text:
+            continue
+        decision = evaluate(text, rules)
+        if decision.blocked:
+            logger.info("message blocked by content rule %s", decision.rule_id)
+            raise ServiceError(
+                "content_blocked",
+                "The message was blocked by the content filter.",
+                status=400,
+                details={"rule_id": decision.rule_id},
+            )
+        if decision.flagged and not flagged.flagged:
+            flagged = Verdict(flagged=True, rule_id=decision.rule_id)
+    return flagged
 
 
 def evaluate(text: str, rules: RuleSet) -> Decision:

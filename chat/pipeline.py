@@ -24,7 +24,7 @@ from accounts.principal import Principal
 from chat.errors import error_for_provider_failure
 from chat.event_buffer import EventBuffer
 from chat.events import ChatEvent, Done, Failed, Started, Token
-from chat.filtering import screen
+from chat.filtering import screen_all
 from chat.prompt import build_prompt, exact_prompt
 from chat.schemas import ChatRequest
 from chat.selectors import History, conversation_history
@@ -92,7 +92,12 @@ async def prepare(
     """
     started = time.monotonic()
     created_at = datetime.now(UTC)
-    verdict = await screen(chat.message)
+    # Every text the client sends upstream is screened, not only its new message: a system prompt,
+    # and on /v1 the earlier turns, reach the model as much as the message does.
+    if passthrough is not None:
+        verdict = await screen_all((chat.message, *(m.content for m in passthrough.messages)))
+    else:
+        verdict = await screen_all((chat.message, chat.system_prompt or ""))
     history = History(system_prompt="", messages=())
     if passthrough is not None:
         history = History(system_prompt="", messages=passthrough.messages[:-1])
