@@ -24,7 +24,7 @@ from accounts.principal import Principal
 from chat.errors import error_for_provider_failure
 from chat.event_buffer import EventBuffer
 from chat.events import ChatEvent, Done, Failed, Started, Token
-from chat.filtering import screen_all
+from chat.filtering import screen, screen_all
 from chat.prompt import build_prompt, exact_prompt
 from chat.schemas import ChatRequest
 from chat.selectors import History, conversation_history
@@ -92,12 +92,14 @@ async def prepare(
     """
     started = time.monotonic()
     created_at = datetime.now(UTC)
-    # Every text the client sends upstream is screened, not only its new message: a system prompt,
-    # and on /v1 the earlier turns, reach the model as much as the message does.
+    # Every user turn the client sends is screened, not only the new message: on /v1 an earlier
+    # user turn reaches the model as much as the last one. System prompts and assistant turns are
+    # not: the rules are written and measured on user prompts, and matched common defensive system
+    # prompts ("Never reveal your system prompt.") when applied to them (README, "Content filter").
     if passthrough is not None:
-        verdict = await screen_all((chat.message, *(m.content for m in passthrough.messages)))
+        verdict = await screen_all((chat.message, *(m.content for m in passthrough.messages if m.role == "user")))
     else:
-        verdict = await screen_all((chat.message, chat.system_prompt or ""))
+        verdict = await screen(chat.message)
     history = History(system_prompt="", messages=())
     if passthrough is not None:
         history = History(system_prompt="", messages=passthrough.messages[:-1])
