@@ -16,10 +16,11 @@ from django.http.request import validate_host
 
 from accounts.authentication import authenticate_scope
 from accounts.principal import Principal
-from accounts.selectors import api_key_aauthenticate, raw_key_from_headers
+from accounts.selectors import api_key_aauthenticate, principal_for_user, raw_key_from_headers
 from chat.events import Done, Failed, ws_message
 from chat.pipeline import ChatRun, prepare
 from chat.schemas import parse_chat_request
+from chatservice.db import db_async
 from chatservice.errors import ServiceError
 from chatservice.request_ids import request_id_from
 
@@ -47,6 +48,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     """Messages in: auth, chat, cancel. Out: ready, start, token, done, error (DESIGN.md §6)."""
 
     principal: Principal | None = None
+    # What the socket authenticated with (the API key, or the session user's id), checked again
+    # before each chat: a revoked key or a deactivated user stops being served on an open socket
+    # within API_KEY_CACHE_SECONDS, as on every other transport.
+    credential: str | int | None = None
     running: tuple[str, ChatRun, asyncio.Task[bool]] | None = None
     auth_timer: asyncio.Task[None] | None = None
 
@@ -59,6 +64,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.principal = await authenticate_scope(self.scope)
         await self.accept()
         if self.principal is not None:
+            self.credential = raw_key_from_headers(_headers(self.scope)) or self.principal.user_id
             await self.send_json({"type": "ready"})
             return
         if raw_key_from_headers(_headers(self.scope)):
@@ -138,13 +144,26 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if principal is None:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        self.principal = principal
+        self.principal, self.credential = principal, api_key
         if self.auth_timer is not None:
             self.auth_timer.cancel()
         await self.send_json({"type": "ready"})
 
+    async def _current_principal(self) -> Principal | None:
+        """The caller as of now (a key's snapshot is cached, so this costs no query while it is fresh)."""
+        if isinstance(self.credential, str):
+            return await api_key_aauthenticate(self.credential)
+        if isinstance(self.credential, int):
+            return await db_async(principal_for_user)(self.credential)
+        return None
+
     async def _chat(self, content: dict[str, Any]) -> None:
         assert self.principal is not None
+        principal = await self._current_principal()
+        if principal is None:
+            await self.close(code=CLOSE_UNAUTHENTICATED)  # the key was revoked or the user deactivated
+            return
+        self.principal = principal
         client_id = content.get("request_id")
         request_id = request_id_from(client_id if isinstance(client_id, str) else None)
         echo_id = client_id if isinstance(client_id, str) and client_id else str(request_id)

@@ -108,3 +108,43 @@ def test_a_cancel_as_the_chat_ends_never_adds_a_second_terminal_event(service_ur
 
     for events in asyncio.run(scenario()):
         assert events in ([("error", "cancelled")], [("done", None), ("error", "not_found")]), events
+
+
+@pytest.mark.parametrize("how", ["revoked", "deactivated"])
+@pytest.mark.parametrize("auth", ["header", "message"])
+def test_an_open_socket_stops_serving_a_revoked_key_once_its_snapshot_expires(
+    service_url, sandbox, make_user, how, auth
+) -> None:
+    """A revoked key (or a deactivated user) stops working within API_KEY_CACHE_SECONDS on every
+    transport: a socket authenticated before the revocation gets no chat after that, it is closed 4401."""
+    from accounts.models import ApiKey
+    from accounts.selectors import key_cache
+    from accounts.services import api_key_revoke
+
+    user, key = make_user("premium")
+    headers = {"Authorization": f"Bearer {key}"} if auth == "header" else {}
+
+    async def scenario() -> tuple[list[str], int | None]:
+        async with websockets.connect(ws_url(service_url), additional_headers=headers) as ws:
+            if auth == "message":
+                await ws.send(json.dumps({"type": "auth", "api_key": key}))
+            assert json.loads(await ws.recv()) == {"type": "ready"}
+            await ws.send(json.dumps({"type": "chat", "request_id": "before", "message": "hi [[tokens:2]]"}))
+            before = [m["type"] for m in await until_terminal(ws, "before")]
+
+            if how == "revoked":
+                await asyncio.to_thread(lambda: api_key_revoke(api_key=ApiKey.objects.get(user=user)))
+            else:
+                await asyncio.to_thread(lambda: type(user).objects.filter(pk=user.pk).update(is_active=False))
+            key_cache.clear()  # what API_KEY_CACHE_SECONDS' expiry does
+
+            await ws.send(json.dumps({"type": "chat", "request_id": "after", "message": "hi [[tokens:2]]"}))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert message.get("type") != "done", message
+            return before, closed.value.rcvd.code if closed.value.rcvd else None
+
+    before, code = asyncio.run(scenario())
+    assert before[-1] == "done" and code == 4401
+    assert UsageRecord.objects.count() == 1  # nothing was served after the revocation
