@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, models
+
+from providers.models import ProviderName
+
+
+def validate_provider_names(value: object) -> None:
+    """A plan's allowed providers: a list of known provider names (anything else broke its users' requests)."""
+    known = ", ".join(ProviderName.values)
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise ValidationError(f'Enter a list of provider names such as ["deepseek", "gemini"]; known: {known}.')
+    unknown = [name for name in value if name not in ProviderName.values]
+    if unknown:
+        raise ValidationError(f"Unknown provider(s): {', '.join(unknown)}; known: {known}.")
 
 
 class Plan(models.Model):
@@ -18,7 +31,9 @@ class Plan(models.Model):
     # Null means "the deployment default": FREE|PREMIUM|ENTERPRISE_REQUESTS_PER_HOUR.
     requests_per_hour = models.PositiveIntegerField(null=True, blank=True)
     tokens_per_day = models.PositiveBigIntegerField()
-    allowed_providers = models.JSONField(default=list, help_text='e.g. ["deepseek", "gemini"]')
+    allowed_providers = models.JSONField(
+        default=list, validators=[validate_provider_names], help_text='e.g. ["deepseek", "gemini"]'
+    )
     priority = models.PositiveSmallIntegerField(default=0, help_text="Higher is served first.")
 
     class Meta:

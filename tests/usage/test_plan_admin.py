@@ -1,4 +1,4 @@
-"""Operators change plans and per-user limits in Django admin; the service applies them to the next request.
+"""Operators change plans and per-user limits in Django admin; the next request sees the change.
 
 A staff user logs in with the test client and submits the admin change forms as a browser would
 (every field of the rendered form, one changed). The service keeps each key's Principal (plan and
@@ -93,7 +93,23 @@ class _FormFields(HTMLParser):
 
 def admin_save(client: Client, model: str, pk: int, **changes: str) -> None:
     """Open the admin change form of `model` `pk`, change some fields, and save it as a browser would."""
-    url = f"/admin/accounts/{model}/{pk}/change/"
+    saved = admin_submit(client, model, pk, **changes)
+    errors = saved.context["adminform"].form.errors if saved.status_code == 200 and saved.context else None
+    assert saved.status_code == 302, errors
+
+
+def admin_refused(client: Client, model: str, pk: int, app: str = "accounts", **changes: str) -> dict[str, Any]:
+    """Submit the change form as `admin_save` does, expecting it back with errors: returns them by field."""
+    refused = admin_submit(client, model, pk, app, **changes)
+    assert refused.status_code == 200, refused.status_code
+    errors: dict[str, Any] = refused.context["adminform"].form.errors
+    assert errors
+    return errors
+
+
+def admin_submit(client: Client, model: str, pk: int, app: str = "accounts", **changes: str) -> Any:
+    """Open the admin change form of `model` `pk`, change some fields, and submit it as a browser would."""
+    url = f"/admin/{app}/{model}/{pk}/change/"
     page = client.get(url)
     assert page.status_code == 200, page.status_code
     parser = _FormFields(f"{model}_form")
@@ -103,9 +119,7 @@ def admin_save(client: Client, model: str, pk: int, **changes: str) -> None:
         data.setdefault(name, []).append(value)
     assert "_save" in data and set(changes) <= set(data), sorted(data)
     data.update({name: [value] for name, value in changes.items()})
-    saved = client.post(url, data)
-    errors = saved.context["adminform"].form.errors if saved.status_code == 200 and saved.context else None
-    assert saved.status_code == 302, errors
+    return client.post(url, data)
 
 
 @pytest.fixture
@@ -198,3 +212,30 @@ def test_with_the_key_cache_on_a_change_applies_once_the_snapshot_expires(
     assert hourly_quota(service_url, key)["limit"] == 1
     refused = chat(service_url, key)
     assert refused.status_code == 429 and refused.headers["X-RateLimit-Limit"] == "1"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['"openai"', "5", '{"openai": true}', '["openai", "opnai"]', '["openai", 1]'],
+    ids=["a-string", "a-number", "an-object", "a-typo", "a-non-string"],
+)
+def test_a_plans_providers_must_be_a_list_of_known_names(
+    service_url: str, make_user: Callable[..., tuple[Any, str]], operator: Client, settings: Any, value: str
+) -> None:
+    """Saved as they were, "5" made every request of the plan's users a 500, and a string or a typo
+    refused every model with 403; the admin form now says what is wrong and keeps the plan as it was."""
+    settings.API_KEY_CACHE_SECONDS = 0
+    _, key = make_user("premium")
+    premium = Plan.objects.get(name="premium")
+    before = premium.allowed_providers
+
+    errors = admin_refused(operator, "plan", premium.pk, allowed_providers=value)
+    assert list(errors) == ["allowed_providers"]
+    assert "provider" in str(errors["allowed_providers"])
+    premium.refresh_from_db()
+    assert premium.allowed_providers == before
+    assert chat(service_url, key).status_code == 200
+
+    admin_save(operator, "plan", premium.pk, allowed_providers='["openai", "gemini"]')  # a valid list is saved
+    premium.refresh_from_db()
+    assert premium.allowed_providers == ["openai", "gemini"]
