@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
+from django.core.validators import MinValueValidator
 from django.db import models
+
+# A price below zero would credit the caller for every token; a window of 0 holds nothing.
+_NOT_NEGATIVE = [MinValueValidator(Decimal(0))]
+_AT_LEAST_ONE = [MinValueValidator(1)]
 
 
 class ProviderName(models.TextChoices):
@@ -20,11 +27,11 @@ class LLMModel(models.Model):
     upstream_id = models.CharField(
         max_length=100, blank=True, help_text="The id sent to the provider (defaults to the name)."
     )
-    context_window = models.PositiveIntegerField()
-    max_output_tokens = models.PositiveIntegerField()
-    input_price = models.DecimalField(max_digits=12, decimal_places=6)
-    cached_input_price = models.DecimalField(max_digits=12, decimal_places=6)
-    output_price = models.DecimalField(max_digits=12, decimal_places=6)
+    context_window = models.PositiveIntegerField(validators=_AT_LEAST_ONE)
+    max_output_tokens = models.PositiveIntegerField(validators=_AT_LEAST_ONE)
+    input_price = models.DecimalField(max_digits=12, decimal_places=6, validators=_NOT_NEGATIVE)
+    cached_input_price = models.DecimalField(max_digits=12, decimal_places=6, validators=_NOT_NEGATIVE)
+    output_price = models.DecimalField(max_digits=12, decimal_places=6, validators=_NOT_NEGATIVE)
     supports_streaming = models.BooleanField(default=True)
     supports_vision = models.BooleanField(default=False)
     is_provider_default = models.BooleanField(

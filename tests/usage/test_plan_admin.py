@@ -1,4 +1,4 @@
-"""Operators change plans and per-user limits in Django admin; the next request sees the change.
+"""Operators change plans, per-user limits and the catalog in Django admin; the next request sees the change.
 
 A staff user logs in with the test client and submits the admin change forms as a browser would
 (every field of the rendered form, one changed). The service keeps each key's Principal (plan and
@@ -239,3 +239,31 @@ def test_a_plans_providers_must_be_a_list_of_known_names(
     admin_save(operator, "plan", premium.pk, allowed_providers='["openai", "gemini"]')  # a valid list is saved
     premium.refresh_from_db()
     assert premium.allowed_providers == ["openai", "gemini"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"input_price": "-1"},
+        {"cached_input_price": "-0.5"},
+        {"output_price": "-10"},
+        {"context_window": "0"},
+        {"max_output_tokens": "0"},
+    ],
+    ids=["input-price", "cached-input-price", "output-price", "context-window", "max-output"],
+)
+def test_a_model_cannot_be_saved_with_a_negative_price_or_an_empty_window(
+    operator: Client, changes: dict[str, str]
+) -> None:
+    """A negative price was saved as it was and credited every caller of the model in the ledger."""
+    from providers.models import LLMModel
+
+    model = LLMModel.objects.get(name="gpt-4o-mini")
+    before = LLMModel.objects.filter(pk=model.pk).values().get()
+
+    errors = admin_refused(operator, "llmmodel", model.pk, app="providers", **changes)
+    assert list(errors) == list(changes)
+    assert LLMModel.objects.filter(pk=model.pk).values().get() == before
+
+    assert admin_submit(operator, "llmmodel", model.pk, app="providers", input_price="0").status_code == 302  # free
+    assert LLMModel.objects.get(pk=model.pk).input_price == 0
