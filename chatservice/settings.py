@@ -2,15 +2,69 @@
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-env = environ.Env()
+
+class _Env(environ.Env):
+    """environ.Env that refuses a value it cannot read, naming the variable, rather than guessing.
+
+    django-environ reads any unknown word as false (`ENABLE_FALLBACK=ture` turned fallback off)
+    and strips letters from numbers (`FIRST_TOKEN_TIMEOUT_SECONDS=1e3` was 13, `5ms` was 5 s).
+    An empty value means unset here, as for the strings below (a copied .env.example).
+    """
+
+    TRUE = ("true", "on", "ok", "yes", "y", "1")
+    FALSE = ("false", "off", "no", "n", "0")
+
+    def get_value(
+        self, var: str, cast: Any = None, default: Any = environ.Env.NOTSET, parse_default: bool = False
+    ) -> Any:
+        raw = self.ENVIRON.get(var)
+        if cast not in (None, str) and raw is not None and not raw.strip() and default is not environ.Env.NOTSET:
+            return default
+        try:
+            return super().get_value(var, cast=cast, default=default, parse_default=parse_default)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{var}={raw!r}: {exc}") from None
+
+    @classmethod
+    def parse_value(cls, value: str, cast: Any) -> Any:
+        if cast is bool:
+            word = value.strip().lower()
+            if word not in cls.TRUE + cls.FALSE:
+                raise ValueError(f"expected one of {', '.join(cls.TRUE + cls.FALSE)}")
+            return word in cls.TRUE
+        if cast is int:
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise ValueError("expected a whole number") from None
+        if cast is float:
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = math.nan
+            if not math.isfinite(number):
+                raise ValueError("expected a number")
+            return number
+        return super().parse_value(value, cast)
+
+
+def _at_least(name: str, value: float, minimum: float, *, above: bool = False) -> None:
+    """Refuse to start on a number outside what the setting means (a timeout of 0 fails every request)."""
+    if value < minimum or (above and value == minimum):
+        raise ImproperlyConfigured(f"{name}={value}: must be {'more than' if above else 'at least'} {minimum}")
+
+
+env = _Env()
 # A .env file fills in what the environment lacks; a variable already set always wins.
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
@@ -177,7 +231,11 @@ TOKEN_RESERVATION_TTL_SECONDS: int = env.int("TOKEN_RESERVATION_TTL_SECONDS", de
 RATE_LIMIT_NAMESPACE: str = env.str("RATE_LIMIT_NAMESPACE", default="chat")
 
 ENABLE_FALLBACK: bool = env.bool("ENABLE_FALLBACK", default=True)
-FALLBACK_ORDER: list[str] = env.list("FALLBACK_ORDER", default=["openai", "claude", "deepseek", "gemini"])
+FALLBACK_ORDER: list[str] = [
+    name.strip()
+    for name in env.list("FALLBACK_ORDER", default=["openai", "claude", "deepseek", "gemini"])
+    if name.strip()
+]
 MAX_RETRY_ATTEMPTS: int = env.int("MAX_RETRY_ATTEMPTS", default=3)
 RETRY_DELAY_SECONDS: float = env.float("RETRY_DELAY_SECONDS", default=1.0)
 FIRST_TOKEN_TIMEOUT_SECONDS: float = env.float("FIRST_TOKEN_TIMEOUT_SECONDS", default=30.0)
@@ -237,3 +295,47 @@ MICRO_DOLLAR = Decimal("0.000001")
 BATCH_MAX_ITEMS: int = env.int("BATCH_MAX_ITEMS", default=20)
 BATCH_CONCURRENCY: int = env.int("BATCH_CONCURRENCY", default=4)
 WEBSOCKET_AUTH_TIMEOUT_SECONDS: float = env.float("WEBSOCKET_AUTH_TIMEOUT_SECONDS", default=10.0)
+
+# Numbers outside what each setting means are refused at start, not met later as failed requests.
+_PROVIDER_NAMES = ("openai", "claude", "deepseek", "gemini")  # providers.models.ProviderName (not importable here)
+_unknown = [name for name in FALLBACK_ORDER if name not in _PROVIDER_NAMES]
+if _unknown:
+    raise ImproperlyConfigured(
+        f"FALLBACK_ORDER={','.join(FALLBACK_ORDER)!r}: unknown provider(s) {', '.join(map(repr, _unknown))};"
+        f" known: {', '.join(_PROVIDER_NAMES)}"
+    )
+for _name in (
+    "PROVIDER_TIMEOUT_SECONDS",
+    "FIRST_TOKEN_TIMEOUT_SECONDS",
+    "STREAM_IDLE_TIMEOUT_SECONDS",
+    "REQUEST_DEADLINE_SECONDS",
+    "SLOW_CLIENT_TIMEOUT_SECONDS",
+    "WEBSOCKET_AUTH_TIMEOUT_SECONDS",
+    "TOKEN_RESERVATION_TTL_SECONDS",
+):
+    _at_least(_name, globals()[_name], 0, above=True)
+for _name in (
+    "RETRY_DELAY_SECONDS",
+    "CIRCUIT_COOLDOWN_SECONDS",
+    "PRIORITY_MAX_WAIT_SECONDS",
+    "API_KEY_CACHE_SECONDS",
+    "TEMPERATURE_DEFAULT",
+    "LONG_CONVERSATION_TOKENS",
+    "FREE_REQUESTS_PER_HOUR",
+    "PREMIUM_REQUESTS_PER_HOUR",
+    "ENTERPRISE_REQUESTS_PER_HOUR",
+):
+    _at_least(_name, globals()[_name], 0)
+for _name in (
+    "MAX_RETRY_ATTEMPTS",
+    "CIRCUIT_FAILURE_THRESHOLD",
+    "MAX_INFLIGHT_PER_PROVIDER",
+    "MAX_TOKENS_DEFAULT",
+    "MAX_MESSAGE_CHARS",
+    "MAX_MESSAGES",
+    "MAX_REQUEST_BYTES",
+    "STREAM_BUFFER_EVENTS",
+    "BATCH_MAX_ITEMS",
+    "BATCH_CONCURRENCY",
+):
+    _at_least(_name, globals()[_name], 1)

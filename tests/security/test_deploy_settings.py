@@ -115,3 +115,53 @@ def test_ssl_redirect_behind_the_proxy(settings: Any) -> None:
     assert proxied.status_code == 200
     assert proxied["Strict-Transport-Security"].startswith("max-age=3600")
     assert proxied["X-Content-Type-Options"] == "nosniff" and proxied["X-Frame-Options"] == "DENY"
+
+
+PRINT_SETTINGS = f"""import json
+{SETUP}
+from django.conf import settings as s
+print(json.dumps([s.ENABLE_FALLBACK, s.FALLBACK_ORDER, s.FIRST_TOKEN_TIMEOUT_SECONDS, s.MAX_RETRY_ATTEMPTS]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MAX_RETRY_ATTEMPTS", "abc"),
+        ("MAX_RETRY_ATTEMPTS", "0"),
+        ("RETRY_DELAY_SECONDS", "-1"),
+        ("FALLBACK_ORDER", "foo"),
+        ("FALLBACK_ORDER", "openai,Claude"),
+        ("DEBUG", "maybe"),
+        ("ENABLE_FALLBACK", "ture"),
+        ("LOG_RESPONSES", "yes please"),
+        ("FIRST_TOKEN_TIMEOUT_SECONDS", "5ms"),
+        ("REQUEST_DEADLINE_SECONDS", "0"),
+        ("API_KEY_CACHE_SECONDS", "nan"),
+        ("BATCH_CONCURRENCY", "0"),
+        ("STREAM_BUFFER_EVENTS", "-1"),
+    ],
+)
+def test_a_bad_value_stops_the_start_naming_the_variable(variable: str, value: str) -> None:
+    """Before, most of these started the service: an unknown word read as false (`ENABLE_FALLBACK=ture`
+    turned fallback off), letters were dropped from numbers (`5ms` was 5 s, `1e3` 13), unknown
+    providers in FALLBACK_ORDER made fallback find nothing, and a batch concurrency of 0 hung batches."""
+    env = production_env(SECRET_KEY=random_key(), ALLOWED_HOSTS="chat.example.com", **{variable: value})
+    result = run(["-c", PRINT_SETTINGS], env)
+    assert result.returncode != 0, result.stdout
+    assert "ImproperlyConfigured" in result.stderr
+    assert f"{variable}=" in result.stderr.splitlines()[-1], result.stderr
+
+
+def test_good_values_are_read_as_written_and_empty_means_the_default() -> None:
+    env = production_env(
+        SECRET_KEY=random_key(),
+        ALLOWED_HOSTS="chat.example.com",
+        ENABLE_FALLBACK="",
+        FALLBACK_ORDER="gemini, openai",
+        FIRST_TOKEN_TIMEOUT_SECONDS="1e3",
+        MAX_RETRY_ATTEMPTS=" 2 ",
+    )
+    result = run(["-c", PRINT_SETTINGS], env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [True, ["gemini", "openai"], 1000.0, 2]
