@@ -105,6 +105,10 @@ class BatchEndpoint:
                     return _item(index, error)
                 run = ChatRun(prepared)
                 runs.append(run)
+                if exchange.disconnected.is_set():
+                    # The client left while this item was being admitted, after the guard cancelled
+                    # the runs it knew of: cancelled before it starts, it settles as such.
+                    run.cancel()
                 result = await collect(run)
                 await run.wait_settled()
                 if isinstance(result, Done):

@@ -218,15 +218,15 @@ class ChatRun:
         return self
 
     def cancel(self, code: str = "cancelled") -> None:
-        """Stop the upstream call; the run settles as cancelled."""
+        """Stop the upstream call; the run settles as cancelled (also when it has not started yet)."""
         self._cancel_code = code
-        if self._task is not None and not self._task.done():
-            if self._producing:
-                self._task.cancel()
-            else:
-                # A task cancelled before its first step never runs its body, so its `finally`
-                # (the settlement) would never run: the producer sees this flag and settles.
-                self._cancel_requested = True
+        if self._task is None or not self._producing:
+            # Not started, or its task not yet past its first step: a task cancelled then never runs
+            # its body, so its `finally` (the settlement) would never run. The producer sees this
+            # flag first thing, makes no upstream call, and settles as cancelled.
+            self._cancel_requested = True
+        elif not self._task.done():
+            self._task.cancel()
 
     async def wait_settled(self) -> None:
         """Wait until the ledger write finished (or the producer ended)."""

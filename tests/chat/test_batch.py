@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -127,3 +128,55 @@ def test_items_run_at_most_batch_concurrency_at_a_time(service_url, sandbox, mak
     assert [r["status"] for r in response.json()["results"]] == [200] * 6
     assert peak == concurrency
     assert sandbox.completed_streams == 6 and sandbox.active_streams == 0
+
+
+def test_a_client_gone_while_items_are_admitted_leaves_no_item_running(service_url, sandbox, make_user) -> None:
+    """The client hangs up while its items wait in admission (another transaction holds the
+    user's quota row, so their reservations wait in Postgres). Once admitted, each item is
+    cancelled and billed as such: none runs to the end for nobody."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    from django.db import connection, transaction
+
+    from usage.models import DailyTokenUsage
+
+    user, key = make_user("premium")
+    DailyTokenUsage.objects.create(user=user, day=datetime.now(UTC).date(), used=0, reserved=0)
+    items = [{"message": f"item {i} [[tokens:20]] [[slow:50]]", "model": "deepseek"} for i in range(3)]
+    body = json.dumps({"requests": items}).encode()
+    address = urlsplit(service_url)
+    head = (
+        f"POST /chat/batch HTTP/1.1\r\nHost: {address.hostname}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM usage_dailytokenusage WHERE user_id = %s FOR UPDATE", [user.pk])
+                locked.set()
+                release.wait(30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(30)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as raw:
+            raw.sendall(head + body)
+            time.sleep(0.5)  # the items are in admission, waiting for the row
+        time.sleep(0.5)  # the server has seen the client go
+    finally:
+        release.set()
+        holder.join(30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and UsageRecord.objects.count() < len(items):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    records = list(UsageRecord.objects.values_list("status", "output_tokens"))
+    assert records and all(status == "cancelled" for status, _ in records), records
+    assert DailyTokenUsage.objects.get(user=user).reserved == 0  # every reservation settled
