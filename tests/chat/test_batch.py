@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.quota_rows import quota_rows_held
 from usage.models import UsageRecord
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -138,8 +139,6 @@ def test_a_client_gone_while_items_are_admitted_leaves_no_item_running(service_u
     import socket
     from urllib.parse import urlsplit
 
-    from django.db import connection, transaction
-
     from usage.models import DailyTokenUsage
 
     user, key = make_user("premium")
@@ -151,28 +150,11 @@ def test_a_client_gone_while_items_are_admitted_leaves_no_item_running(service_u
         f"POST /chat/batch HTTP/1.1\r\nHost: {address.hostname}\r\nAuthorization: Bearer {key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_the_row() -> None:
-        try:
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute("SELECT 1 FROM usage_dailytokenusage WHERE user_id = %s FOR UPDATE", [user.pk])
-                locked.set()
-                release.wait(30)
-        finally:
-            connection.close()
-
-    holder = threading.Thread(target=hold_the_row)
-    holder.start()
-    try:
-        assert locked.wait(30)
+    with quota_rows_held(user.pk):
         with socket.create_connection((address.hostname, address.port), timeout=10) as raw:
             raw.sendall(head + body)
             time.sleep(0.5)  # the items are in admission, waiting for the row
         time.sleep(0.5)  # the server has seen the client go
-    finally:
-        release.set()
-        holder.join(30)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and UsageRecord.objects.count() < len(items):
         time.sleep(0.05)

@@ -22,6 +22,7 @@ from django.db import connection, connections, transaction
 from accounts.services import user_get_or_create
 from chatservice.async_db import statements
 from chatservice.errors import ServiceError
+from tests.quota_rows import quota_rows_held
 from usage.limiter import RequestLimiter
 from usage.models import DailyTokenUsage, TokenReservation
 from usage.quotas import Reservation, _reservations, token_areserve, token_reserve, token_settle
@@ -295,24 +296,10 @@ async def test_a_reservation_whose_request_left_while_it_was_on_its_way_is_given
     request is cancelled meanwhile. When the reservation goes through, its tokens come back."""
     user, _ = await asyncio.to_thread(user_get_or_create, username="quitter")
     await token_areserve(user_id=user.pk, limit=1000, tokens=10)  # the day's row exists
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_the_row() -> None:
-        try:
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute("SELECT 1 FROM usage_dailytokenusage WHERE user_id = %s FOR UPDATE", [user.pk])
-                locked.set()
-                release.wait(BARRIER_TIMEOUT)
-        finally:
-            connection.close()
-
-    holder = asyncio.create_task(asyncio.to_thread(hold_the_row))
-    await asyncio.to_thread(locked.wait, BARRIER_TIMEOUT)
-    request = asyncio.create_task(token_areserve(user_id=user.pk, limit=1000, tokens=25))
-    await asyncio.sleep(0.2)  # sent, and waiting for the row
-    request.cancel()
-    release.set()
-    await holder
+    with quota_rows_held(user.pk):
+        request = asyncio.create_task(token_areserve(user_id=user.pk, limit=1000, tokens=25))
+        await asyncio.sleep(0.2)  # sent, and waiting for the row
+        request.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await request
     await _reservations.drained()
