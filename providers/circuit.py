@@ -29,7 +29,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from django.conf import settings
 
-from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS, command_slots
+from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, command_slots, redis_deadline
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,7 +92,7 @@ class SharedRedis:
         if shared is not None:
             client, slots = shared
             try:
-                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS), slots:
+                async with redis_deadline(), slots:
                     result = await remote(client)
             except REDIS_ERRORS as exc:
                 self._failed(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,6 +60,22 @@ class RedisProxy:
                 self._writers.discard(dst)
 
         await asyncio.gather(pipe(reader, up_writer, upstream=True), pipe(up_reader, writer, upstream=False))
+
+
+def busy_once_redis_is_asked(proxy: RedisProxy, seconds: float) -> None:
+    """Keep this event loop busy for `seconds` (time.sleep in a callback: other requests' work) from
+    the moment the next command reaches Redis through `proxy`: Redis answers at once, and the
+    answer waits for the loop."""
+    loop = asyncio.get_running_loop()
+    before = proxy.sent
+
+    def watch() -> None:
+        if proxy.sent > before:
+            time.sleep(seconds)
+        else:
+            loop.call_soon(watch)
+
+    loop.call_soon(watch)
 
 
 async def socket_timeouts(client: Any) -> tuple[float | None, float | None]:

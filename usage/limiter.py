@@ -40,7 +40,7 @@ from redis.exceptions import NoScriptError
 
 from accounts.principal import Principal
 from chatservice.batches import Batches
-from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, REDIS_TIMEOUT_SECONDS, command_slots
+from chatservice.redis_bounds import CLIENT_OPTIONS, REDIS_ERRORS, command_slots, redis_deadline
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -236,7 +236,7 @@ class _ClockedRedisStorage(RedisStorage):
         keys = [bridge.prefixed_key(key) for key, _, _, _ in hits]
         # Bounded as each caller's wait is (RequestLimiter._run): a batch on a connection that hung
         # must end, or it would hold its slot and its place among the batches in flight for good.
-        async with asyncio.timeout(REDIS_TIMEOUT_SECONDS), self.slots:
+        async with redis_deadline(), self.slots:
             if len(hits) == 1:  # alone: the script object sends it (and loads the script if Redis lost it)
                 _, now, limit, expiry = hits[0]
                 replies = [await script(keys, [now, limit, expiry])]
@@ -388,7 +388,7 @@ class RequestLimiter:
         shared = self._shared_strategy()
         if shared is not None:
             try:
-                async with asyncio.timeout(REDIS_TIMEOUT_SECONDS):
+                async with redis_deadline():
                     result = await operation(shared)
             except REDIS_ERRORS as exc:
                 self._mark_down(exc)

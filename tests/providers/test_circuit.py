@@ -19,7 +19,7 @@ from providers.registry import registry
 from providers.router import Router
 from providers.routing_types import RouteTrace
 from tests.providers.scripted import FakeClock, ScriptedProvider, collect, fail, isolated_router_state, route_request
-from tests.redis_proxy import RedisProxy, socket_timeouts
+from tests.redis_proxy import RedisProxy, busy_once_redis_is_asked, socket_timeouts
 
 BACKENDS = ["redis", "in-process"]
 
@@ -247,6 +247,25 @@ async def test_a_redis_that_hangs_is_waited_for_once_within_the_bound() -> None:
     started = time.monotonic()
     await circuit.record_success("openai")
     assert time.monotonic() - started < REDIS_TIMEOUT_SECONDS  # degraded: Redis is not waited for again
+    await proxy.stop()
+
+
+async def test_a_busy_event_loop_still_sees_the_circuit_another_process_opened() -> None:
+    """Redis answered in time; this loop was too busy to read the answer within the bound. Taking that
+    for an outage kept this process on its own (closed) circuits for REDIS_RETRY_SECONDS."""
+    proxy = RedisProxy()
+    await proxy.start()
+    clock = FakeClock()
+    other, shared = Circuit(clock=clock, redis=SharedRedis()), SharedRedis(proxy.url)
+    circuit = Circuit(clock=clock, redis=shared)
+    assert await circuit.allow("openai") is Admission.ALLOWED  # connected
+    for _ in range(3):
+        await other.record_failure("openai")
+    clock.advance(STATE_CACHE_SECONDS)
+
+    busy_once_redis_is_asked(proxy, REDIS_TIMEOUT_SECONDS * 1.5)
+    assert await circuit.allow("openai") is Admission.DENIED
+    assert not shared.degraded
     await proxy.stop()
 
 

@@ -13,8 +13,13 @@ import pytest
 from django.conf import settings
 
 from accounts.principal import Principal
-from chatservice.redis_bounds import MAX_CONNECTIONS, REDIS_CONNECT_TIMEOUT_SECONDS, REDIS_TIMEOUT_SECONDS
-from tests.redis_proxy import RedisProxy, socket_timeouts
+from chatservice.redis_bounds import (
+    MAX_CONNECTIONS,
+    MAX_LAG_EXCUSED_SECONDS,
+    REDIS_CONNECT_TIMEOUT_SECONDS,
+    REDIS_TIMEOUT_SECONDS,
+)
+from tests.redis_proxy import RedisProxy, busy_once_redis_is_asked, socket_timeouts
 from usage.limiter import LimitState, RequestLimiter, limit_hit, limit_peek, request_limiter
 
 T0 = 1_900_000_000.0  # clock values keep <= 4 decimals: Redis stores window timestamps with 14 digits
@@ -256,6 +261,53 @@ async def test_a_redis_that_hangs_costs_one_bounded_wait_then_the_process_window
     assert (await limiter.hit(user_id=5, limit=10)).allowed
     assert time.monotonic() - started < REDIS_TIMEOUT_SECONDS  # degraded: Redis is not waited for again
 
+    await limiter.aclose()
+    await proxy.stop()
+
+
+async def test_a_busy_event_loop_is_not_a_redis_outage(make_limiter: Callable[..., RequestLimiter]) -> None:
+    """Redis answered in time; this loop was too busy to read the answer within the bound. That is no
+    outage: counting in the per-process window instead let each process admit a whole limit of its own
+    (seen as 12 and 15 admitted of 10 by two loaded processes)."""
+    proxy = RedisProxy()
+    await proxy.start()
+    other, this = make_limiter("redis"), make_limiter("redis", redis_url=proxy.url)  # two processes, one window
+    for _ in range(10):
+        assert (await other.hit(user_id=17, limit=10)).allowed
+    assert not (await this.hit(user_id=17, limit=10)).allowed  # connected; the window is full
+
+    busy_once_redis_is_asked(proxy, REDIS_TIMEOUT_SECONDS * 1.5)
+    state = await this.hit(user_id=17, limit=10)
+    assert not state.allowed and not this.degraded
+    assert not any([(await this.hit(user_id=17, limit=10)).allowed for _ in range(5)])
+    assert (await other.peek(user_id=17, limit=10)).used == 10
+    await other.aclose()
+    await this.aclose()
+    await proxy.stop()
+
+
+async def test_a_redis_that_hangs_is_given_up_on_even_while_the_loop_stays_busy(
+    make_limiter: Callable[..., RequestLimiter],
+) -> None:
+    proxy = RedisProxy()
+    await proxy.start()
+    limiter = make_limiter("redis", redis_url=proxy.url, probe_interval=3600)
+    assert (await limiter.hit(user_id=18, limit=10)).allowed
+    proxy.hung = True
+    stop = time.monotonic() + REDIS_TIMEOUT_SECONDS + MAX_LAG_EXCUSED_SECONDS + 3
+
+    def busy() -> None:  # the loop is late by 0.2 s every turn, for longer than any bound
+        time.sleep(0.2)
+        if time.monotonic() < stop:
+            asyncio.get_running_loop().call_soon(busy)
+
+    asyncio.get_running_loop().call_soon(busy)
+    started = time.monotonic()
+    state = await limiter.hit(user_id=18, limit=10)
+    waited = time.monotonic() - started
+    assert state.allowed and limiter.degraded
+    assert REDIS_TIMEOUT_SECONDS <= waited < REDIS_TIMEOUT_SECONDS + MAX_LAG_EXCUSED_SECONDS + 1
+    await asyncio.sleep(max(0.0, stop - time.monotonic()))
     await limiter.aclose()
     await proxy.stop()
 
