@@ -32,16 +32,20 @@ def build_prompt(
     budget = entry.context_window - max_tokens
     if base.tokens > budget:
         raise _too_long(base.tokens, max_tokens, entry)
-    kept: list[ChatMessage] = []
+    kept: list[tuple[ChatMessage, int]] = []
     used = base.tokens
     for message in reversed(history):
         cost = count_text(message.content, model).tokens + _MESSAGE_FRAMING
         if used + cost > budget:
             break
-        kept.append(message)
+        kept.append((message, cost))
         used += cost
     kept.reverse()
-    return Prompt(messages=head + tuple(kept) + tail, tokens=used)
+    # A reply whose user turn did not fit (or was not read) is no context: the model would see an
+    # answer to a question it was never asked. The kept history starts with a user turn.
+    while kept and kept[0][0].role == "assistant":
+        used -= kept.pop(0)[1]
+    return Prompt(messages=head + tuple(m for m, _ in kept) + tail, tokens=used)
 
 
 def exact_prompt(*, messages: tuple[ChatMessage, ...], entry: CatalogEntry, max_tokens: int) -> Prompt:
