@@ -194,8 +194,9 @@ async def select_model(
         if entry is not None:
             candidates.append(entry)
     needed = history_tokens if reason.startswith("long") else 0
-    for entry in dict.fromkeys(candidates):
-        if not principal.allows_provider(entry.provider) or entry.context_window < needed:
+    usable = [e for e in dict.fromkeys(candidates) if principal.allows_provider(e.provider)]
+    for entry in usable:
+        if entry.context_window < needed:
             continue
         if await _healthy(entry, circuit):
             if wanted is not None and entry != wanted:
@@ -203,6 +204,13 @@ async def select_model(
             elif wanted is None and entry.provider != preferred:
                 reason = f"{reason}; {preferred} {_why_not(principal, preferred)}, using {entry.provider}"
             return Selection(entry=entry, reason=reason, explicit=False)
+    if needed:
+        # No allowed model holds the whole history: the prompt keeps its most recent turns, so the
+        # healthy model with the largest window (the most history) serves, rather than a 503.
+        for entry in sorted(usable, key=lambda e: -e.context_window):
+            if await _healthy(entry, circuit):
+                reason = f"{reason}; no allowed model holds it all, using {entry.name} with the most recent history"
+                return Selection(entry=entry, reason=reason, explicit=False)
     retry_after = NO_PROVIDER_RETRY_AFTER_SECONDS
     waits = [await circuit.retry_after(p) for p in sorted(principal.allowed_providers)]
     if any(w is not None for w in waits):

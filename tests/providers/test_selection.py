@@ -306,3 +306,18 @@ async def test_a_failing_re_read_keeps_the_catalog_in_hand(caplog: pytest.LogCap
         assert [e.name for e in await acatalog_entries()] == ["m1"]  # the re-read failed: kept
         assert catalog.fresh() is not None  # for another period, not re-read on every request
     assert "re-reading the model catalog failed" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("plan", ["premium", "free"])
+async def test_a_conversation_longer_than_every_window_goes_to_the_largest_one(plan: str) -> None:
+    """The prompt keeps the most recent history that fits, so a longer conversation is served, not refused."""
+    entry, reason, _ = await select(plan=plan, history=1_100_000)
+    assert entry.name == "gemini-2.5-flash"
+    assert reason == (
+        "long conversation (1100000 tokens); no allowed model holds it all, "
+        "using gemini-2.5-flash with the most recent history"
+    )
+    await open_circuit("gemini")
+    entry, _, _ = await select(plan=plan, history=1_100_000)
+    assert entry.name == ("claude-haiku-4-5" if plan == "premium" else "deepseek-chat")
