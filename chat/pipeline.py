@@ -114,6 +114,7 @@ async def prepare(
         user_message=chat.message,
         history_tokens=history_tokens,
         entries=entries,
+        message_tokens=count_text(chat.message, "gpt-4o").tokens,
     )
     entry = selection.entry
     _check_options(chat, entry)

@@ -170,6 +170,7 @@ async def select_model(
     history_tokens: int,
     entries: tuple[CatalogEntry, ...],
     circuit: Circuit | None = None,
+    message_tokens: int = 0,
 ) -> Selection:
     """The model for a request: the one asked for (if the plan allows it), or the best fit.
 
@@ -193,20 +194,22 @@ async def select_model(
         entry = provider_default(entries, provider)
         if entry is not None:
             candidates.append(entry)
-    needed = history_tokens if reason.startswith("long") else 0
+    # The window must hold the new message (history is trimmed to fit), and all of a long conversation.
+    needed = (history_tokens if reason.startswith("long") else 0) + message_tokens
     usable = [e for e in dict.fromkeys(candidates) if principal.allows_provider(e.provider)]
     for entry in usable:
         if entry.context_window < needed:
             continue
         if await _healthy(entry, circuit):
             if wanted is not None and entry != wanted:
-                reason = f"{reason}; {wanted.name} {_why_not(principal, wanted)}, using {entry.name}"
+                reason = f"{reason}; {wanted.name} {_why_not(principal, wanted, entries, needed)}, using {entry.name}"
             elif wanted is None and entry.provider != preferred:
-                reason = f"{reason}; {preferred} {_why_not(principal, preferred)}, using {entry.provider}"
+                why = _why_not(principal, preferred, entries, needed)
+                reason = f"{reason}; {preferred} {why}, using {entry.provider}"
             return Selection(entry=entry, reason=reason, explicit=False)
     if needed:
-        # No allowed model holds the whole history: the prompt keeps its most recent turns, so the
-        # healthy model with the largest window (the most history) serves, rather than a 503.
+        # No allowed model holds all of it: the prompt keeps the most recent turns that fit, so the
+        # healthy model with the largest window serves, rather than a 503.
         for entry in sorted(usable, key=lambda e: -e.context_window):
             if await _healthy(entry, circuit):
                 reason = f"{reason}; no allowed model holds it all, using {entry.name} with the most recent history"
@@ -224,6 +227,9 @@ async def select_model(
     )
 
 
-def _why_not(principal: Principal, wanted: str | CatalogEntry) -> str:
+def _why_not(principal: Principal, wanted: str | CatalogEntry, entries: tuple[CatalogEntry, ...], needed: int) -> str:
     provider = wanted.provider if isinstance(wanted, CatalogEntry) else wanted
-    return "unavailable" if principal.allows_provider(provider) else "not in plan"
+    if not principal.allows_provider(provider):
+        return "not in plan"
+    entry = wanted if isinstance(wanted, CatalogEntry) else provider_default(entries, provider)
+    return "too small" if entry is not None and entry.context_window < needed else "unavailable"

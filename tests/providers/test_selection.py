@@ -321,3 +321,18 @@ async def test_a_conversation_longer_than_every_window_goes_to_the_largest_one(p
     await open_circuit("gemini")
     entry, _, _ = await select(plan=plan, history=1_100_000)
     assert entry.name == ("claude-haiku-4-5" if plan == "premium" else "deepseek-chat")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_message_longer_than_the_default_models_window_goes_to_one_that_holds_it() -> None:
+    """100,000 CJK characters are ~177k tokens: more than gpt-4o-mini's 128k window, within Claude's."""
+    selection = await select_model(
+        requested=None,
+        principal=principal(),
+        user_message="long document",
+        history_tokens=0,
+        entries=await acatalog_entries(),
+        message_tokens=176_807,
+    )
+    assert selection.entry.name == "claude-haiku-4-5"
+    assert selection.reason == "default model; openai too small, using claude"

@@ -254,6 +254,14 @@ def test_prompt_over_the_context_window(service_url: str, key: str) -> None:
     assert nothing_written()
 
 
+def test_auto_selection_picks_a_window_that_holds_the_message(service_url: str, key: str) -> None:
+    """~177k tokens of CJK text: over the default gpt-4o-mini's 128k window, within Claude's 200k."""
+    message = "".join(chr(0x4E00 + (i * 7) % 2000) for i in range(99_980)) + " [[tokens:1]]"
+    response = post(service_url, key, "/chat", {"message": message})
+    assert response.status_code == 200, response.text[:500]
+    assert response.json()["model_used"] == "claude-haiku-4-5"
+
+
 def test_prompt_that_fits_only_without_max_tokens(service_url: str, key: str) -> None:
     """The window holds prompt + max_tokens: a 4000-token prompt with max_tokens 5000 does not fit gpt-4."""
     response = post(service_url, key, "/chat", {"message": "hello " * 4000, "model": "gpt-4", "max_tokens": 5000})
