@@ -114,7 +114,7 @@ async def prepare(
         user_message=chat.message,
         history_tokens=history_tokens,
         entries=entries,
-        message_tokens=count_text(chat.message, "gpt-4o").tokens,
+        message_tokens=_message_tokens_bound(chat),
     )
     entry = selection.entry
     _check_options(chat, entry)
@@ -158,6 +158,20 @@ async def prepare(
         created_at=created_at,
         started=started,
     )
+
+
+# No message has more tokens than 4 per character (its UTF-8 bytes); below this bound a message
+# fits every window auto-selection chooses among, so it need not be counted to choose.
+_UNCOUNTED_MESSAGE_TOKENS = 32_768
+
+
+def _message_tokens_bound(chat: ChatRequest) -> int:
+    """What auto-selection needs of the message's size: 0 for an explicit model (not consulted), an
+    upper bound for a short message, the count for a long one (counted only when it can matter)."""
+    if chat.model and chat.model.strip():
+        return 0
+    bound = 4 * len(chat.message)
+    return bound if bound < _UNCOUNTED_MESSAGE_TOKENS else count_text(chat.message, "gpt-4o").tokens
 
 
 def _default_temperature(entry: CatalogEntry) -> float:
