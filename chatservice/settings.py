@@ -70,7 +70,7 @@ environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG: bool = env.bool("DEBUG", default=False)
 _INSECURE_DEV_KEY = "dev-insecure-key-do-not-use-in-production"
-SECRET_KEY: str = env.str("SECRET_KEY", default=_INSECURE_DEV_KEY if DEBUG else "")
+SECRET_KEY: str = env.str("SECRET_KEY", default="") or (_INSECURE_DEV_KEY if DEBUG else "")
 if not SECRET_KEY or (not DEBUG and (SECRET_KEY == _INSECURE_DEV_KEY or len(SECRET_KEY) < 50)):
     raise ImproperlyConfigured(
         "SECRET_KEY must be set to a random string of at least 50 characters (or set DEBUG=true for local development)."

@@ -67,6 +67,18 @@ def test_starts_with_a_real_key_or_in_debug() -> None:
     assert debug.stdout.strip() == "dev-insecure-key-do-not-use-in-production"
 
 
+def test_debug_with_an_empty_secret_key_uses_the_dev_key() -> None:
+    """A copied .env.example has `SECRET_KEY=`; with DEBUG=true (as `make run` sets) empty means unset.
+
+    Before, the empty value was taken as the key and refused, so `make run` stopped at its migrate step."""
+    debug = run(
+        ["-c", SETUP + "; from django.conf import settings; print(settings.SECRET_KEY)"],
+        production_env(DEBUG="true", SECRET_KEY=""),
+    )
+    assert debug.returncode == 0, debug.stderr
+    assert debug.stdout.strip() == "dev-insecure-key-do-not-use-in-production"
+
+
 @pytest.mark.parametrize(("redirect", "silenced"), [("false", 1), ("true", 0)])
 def test_check_deploy_is_clean(redirect: str, silenced: int) -> None:
     env = production_env(
