@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,10 @@ SLOW_CLIENT_TIMEOUT_SECONDS: float = env.float("SLOW_CLIENT_TIMEOUT_SECONDS", de
 API_KEY_CACHE_SECONDS: float = env.float("API_KEY_CACHE_SECONDS", default=5.0)
 
 # --- Observability ---------------------------------------------------------------------------
+# prometheus_client takes the variable's presence, not its value, as multiprocess mode: an empty
+# one (a copied .env.example) wrote its value files into the working directory. Empty means unset.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip():
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 ENABLE_METRICS: bool = env.bool("ENABLE_METRICS", default=True)
 METRICS_BEARER_TOKEN: str = env.str("METRICS_BEARER_TOKEN", default="")
 LOG_REQUESTS: bool = env.bool("LOG_REQUESTS", default=True)

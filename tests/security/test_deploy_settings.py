@@ -79,6 +79,15 @@ def test_debug_with_an_empty_secret_key_uses_the_dev_key() -> None:
     assert debug.stdout.strip() == "dev-insecure-key-do-not-use-in-production"
 
 
+def test_an_empty_prometheus_multiproc_dir_means_one_process() -> None:
+    """prometheus_client enters multiprocess mode when the variable is present, whatever its value;
+    an empty one (a copied .env.example) left its value files in the working directory."""
+    check = SETUP + "; import prometheus_client.values as v; print(v.ValueClass.__name__)"
+    result = run(["-c", check], production_env(DEBUG="true", PROMETHEUS_MULTIPROC_DIR=""))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "MutexValue"
+
+
 @pytest.mark.parametrize(("redirect", "silenced"), [("false", 1), ("true", 0)])
 def test_check_deploy_is_clean(redirect: str, silenced: int) -> None:
     env = production_env(
