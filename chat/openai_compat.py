@@ -45,7 +45,6 @@ class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):

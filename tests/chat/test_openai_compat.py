@@ -78,6 +78,12 @@ def test_errors_raise_the_sdks_own_classes(service_url, sandbox, make_user, sett
             model="deepseek", messages=[{"role": "user", "content": "hi"}], extra_body={"tools_choice": "x"}
         )
     assert "Unrecognized request argument" in bad.value.message
+    # a participant's `name` is not sent to every provider: refused, not silently dropped
+    with pytest.raises(openai.BadRequestError) as named:
+        client(service_url, key).chat.completions.create(
+            model="deepseek", messages=[{"role": "user", "content": "hi", "name": "alice"}]
+        )
+    assert "messages.0.name" in named.value.message
     with pytest.raises(openai.BadRequestError):
         client(service_url, key).chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "hi"}])
 
