@@ -293,6 +293,20 @@ RULES = [
     ),
 ]
 
+# A word in a pattern is at most WORD_LIMIT characters (`\w{1,64}`, not `\w+`). An unbounded `\w+`
+# runs to the end of the word at every place the rule could start, so one long run-together word
+# holding many starts ("revealyourrevealyour...above", 100,000 characters) cost a single search
+# quadratic time: 34 s on the event loop. Bounded, a search is linear in the message.
+WORD_LIMIT = 64
+UNBOUNDED_RULES = RULES
+
+
+def _bound_words(pattern):
+    return pattern.replace(r"\w+", rf"\w{{1,{WORD_LIMIT}}}").replace(r"\w*", rf"\w{{0,{WORD_LIMIT}}}")
+
+
+RULES = [(name, action, _bound_words(pattern), description) for name, action, pattern, description in RULES]
+
 
 def seed(apps, schema_editor):
     ContentRule = apps.get_model("chat", "ContentRule")

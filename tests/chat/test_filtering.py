@@ -283,6 +283,26 @@ def test_text_smuggled_in_tag_characters_is_screened() -> None:
     assert outcome(smuggled) == ("block", "ignore-previous-instructions")
 
 
+def test_a_long_run_together_word_costs_the_seeded_rules_linear_time() -> None:
+    """One word of 100,000 characters with a rule's start every few letters ("revealyour" repeated,
+    then a word the rule needs): with unbounded `\\w+` every start scanned to the word's end, and
+    screening this one message took 34 s on the event loop. Linear, it takes tens of milliseconds."""
+    from django.conf import settings
+
+    size = settings.MAX_MESSAGE_CHARS
+    text = ("revealyour" * (size // 10))[: size - len(" above")] + " above"
+    started = time.perf_counter()
+    decision = evaluate(text, SEEDED)
+    took = time.perf_counter() - started
+    assert decision.rule_id is None  # neither blocked nor flagged: every rule ran to the end
+    assert took < 5.0, f"screening one hostile message took {took:.1f} s"
+
+
+def test_seeded_patterns_bound_their_words() -> None:
+    for name, _, pattern, _ in SEED.RULES:
+        assert "\\w+" not in pattern and "\\w*" not in pattern, name
+
+
 # --- screen(), with rules from the database ---------------------------------------------------
 
 
