@@ -283,24 +283,21 @@ def test_text_smuggled_in_tag_characters_is_screened() -> None:
     assert outcome(smuggled) == ("block", "ignore-previous-instructions")
 
 
-def test_a_long_run_together_word_costs_the_seeded_rules_linear_time() -> None:
-    """One word of 100,000 characters with a rule's start every few letters ("revealyour" repeated,
-    then a word the rule needs): with unbounded `\\w+` every start scanned to the word's end, and
-    screening this one message took 34 s on the event loop. Linear, it takes tens of milliseconds."""
-    from django.conf import settings
-
-    size = settings.MAX_MESSAGE_CHARS
-    text = ("revealyour" * (size // 10))[: size - len(" above")] + " above"
-    started = time.perf_counter()
-    decision = evaluate(text, SEEDED)
-    took = time.perf_counter() - started
-    assert decision.rule_id is None  # neither blocked nor flagged: every rule ran to the end
-    assert took < 5.0, f"screening one hostile message took {took:.1f} s"
-
-
 def test_seeded_patterns_bound_their_words() -> None:
+    """An unbounded `\\w+` scans to the end of a run-together word from every place a rule can
+    start: one 100,000-character message took 34 s to screen with the first seeded rules."""
     for name, _, pattern, _ in SEED.RULES:
         assert "\\w+" not in pattern and "\\w*" not in pattern, name
+
+
+@pytest.mark.django_db
+def test_the_stored_seeded_rules_bound_their_words() -> None:
+    """What a migrated database holds (0004 rewrites 0003's first patterns where no operator edited them)."""
+    from chat.filter_rules import ContentRule
+
+    patterns = dict(ContentRule.objects.values_list("name", "pattern"))
+    assert {name for name, *_ in SEED.RULES} <= patterns.keys()
+    assert not [name for name, pattern in patterns.items() if "\\w+" in pattern or "\\w*" in pattern]
 
 
 # --- screen(), with rules from the database ---------------------------------------------------
