@@ -36,7 +36,7 @@ from providers.pricing import Prices, cost_of
 from providers.router import get_router
 from providers.routing_types import RouteRequest, RouteTrace, Selection
 from providers.selection import select_model
-from providers.tokens import count_text
+from providers.tokens import count_text, off_loop
 from usage.admission import Admission, admit
 from usage.metrics import observe_outcome
 from usage.models import UsageRecord
@@ -106,24 +106,26 @@ async def prepare(
     elif chat.conversation_id is not None:
         history = await db_async(conversation_history)(user_id=principal.user_id, conversation_id=chat.conversation_id)
     entries = await acatalog_entries()
-    history_text = "".join(m.content for m in history.messages)
-    history_tokens = count_text(history_text, "gpt-4o").tokens if history_text else 0
     selection = await select_model(
         requested=chat.model,
         principal=principal,
         user_message=chat.message,
-        history_tokens=history_tokens,
+        history_tokens=await _history_tokens(chat, history),
         entries=entries,
-        message_tokens=_message_tokens_bound(chat),
+        message_tokens=await _message_tokens_bound(chat),
     )
     entry = selection.entry
     _check_options(chat, entry)
     max_tokens = chat.max_tokens or min(settings.MAX_TOKENS_DEFAULT, entry.max_output_tokens)
     system_prompt = chat.system_prompt if chat.system_prompt is not None else history.system_prompt
     if passthrough is not None:
-        prompt = exact_prompt(messages=passthrough.messages, entry=entry, max_tokens=max_tokens)
+        chars = sum(len(m.content) for m in passthrough.messages)
+        prompt = await off_loop(chars, exact_prompt, messages=passthrough.messages, entry=entry, max_tokens=max_tokens)
     else:
-        prompt = build_prompt(
+        chars = len(system_prompt) + len(chat.message) + sum(len(m.content) for m in history.messages)
+        prompt = await off_loop(
+            chars,
+            build_prompt,
             system_prompt=system_prompt,
             history=history.messages,
             user_message=chat.message,
@@ -165,13 +167,24 @@ async def prepare(
 _UNCOUNTED_MESSAGE_TOKENS = 32_768
 
 
-def _message_tokens_bound(chat: ChatRequest) -> int:
+async def _message_tokens_bound(chat: ChatRequest) -> int:
     """What auto-selection needs of the message's size: 0 for an explicit model (not consulted), an
     upper bound for a short message, the count for a long one (counted only when it can matter)."""
     if chat.model and chat.model.strip():
         return 0
     bound = 4 * len(chat.message)
-    return bound if bound < _UNCOUNTED_MESSAGE_TOKENS else count_text(chat.message, "gpt-4o").tokens
+    if bound < _UNCOUNTED_MESSAGE_TOKENS:
+        return bound
+    return (await off_loop(len(chat.message), count_text, chat.message, "gpt-4o")).tokens
+
+
+async def _history_tokens(chat: ChatRequest, history: History) -> int:
+    """The history's size for auto-selection (a long conversation prefers Claude); 0 for an explicit
+    model, which does not consult it: the prompt builder counts what it keeps of the history anyway."""
+    if chat.model and chat.model.strip():
+        return 0
+    text = "".join(m.content for m in history.messages)
+    return (await off_loop(len(text), count_text, text, "gpt-4o")).tokens if text else 0
 
 
 def _default_temperature(entry: CatalogEntry) -> float:
