@@ -229,10 +229,11 @@ def evaluate(text: str, rules: RuleSet) -> Decision:
 def evaluate_normalized(text: str, normalized: str, rules: RuleSet) -> Decision:
     """Block rules first (the first match not excused as a quoted discussion wins), then flag rules."""
     excused: int | None = None
+    discussion = _Discussion(text, normalized, rules)
     for rule in rules.block:
         if rule.search(normalized) is None:
             continue
-        if not _quoted_discussion(rule, text, normalized, rules):
+        if not discussion.only_quotes(rule):
             return Decision(blocked=True, rule_id=rule.id)
         excused = excused or rule.id
     if excused is not None:
@@ -243,12 +244,41 @@ def evaluate_normalized(text: str, normalized: str, rules: RuleSet) -> Decision:
     return Decision()
 
 
-def _quoted_discussion(rule: CompiledRule, text: str, normalized: str, rules: RuleSet) -> bool:
-    """True when the message talks about attacks and every occurrence of the rule's phrase is in quotes."""
-    if not any(cue.search(normalized) for cue in rules.discussion):
-        return False
-    quoted = normalize_quoted(text)
-    spans = [m.span() for m in rule.regex.finditer(quoted)]
-    if len(spans) != len(rule.regex.findall(normalized)):
-        return False  # a quote mark splits an occurrence: not a plain quotation
-    return all(quoted.count('"', 0, start) % 2 == 1 and '"' in quoted[end:] for start, end in spans)
+class _Discussion:
+    """Whether a message talks about attacks and only quotes a rule's phrase; the discussion cues and
+    the quoted form are worked out once a message, however many block rules match it."""
+
+    def __init__(self, text: str, normalized: str, rules: RuleSet) -> None:
+        self._text = text
+        self._normalized = normalized
+        self._rules = rules
+        self._cued: bool | None = None
+        self._quoted: str | None = None
+
+    def only_quotes(self, rule: CompiledRule) -> bool:
+        """True when the message talks about attacks and every occurrence of the rule's phrase is in quotes."""
+        if self._cued is None:
+            self._cued = any(cue.search(self._normalized) for cue in self._rules.discussion)
+        if not self._cued:
+            return False
+        if self._quoted is None:
+            self._quoted = normalize_quoted(self._text)
+        return _all_quoted(rule.regex, self._quoted, self._normalized)
+
+
+def _all_quoted(regex: re.Pattern[str], quoted: str, normalized: str) -> bool:
+    """Every occurrence of `regex` in `quoted` opens inside a quotation (an odd number of quote marks
+    before it) with a quote mark after it, and none was split by one. One pass over the message,
+    however many occurrences: the quote marks before each are counted on from the previous one."""
+    last_quote = quoted.rfind('"')
+    quotes_before = 0
+    counted_to = 0
+    occurrences = 0
+    for match in regex.finditer(quoted):
+        start, end = match.span()
+        quotes_before += quoted.count('"', counted_to, start)
+        counted_to = start
+        if quotes_before % 2 == 0 or last_quote < end:
+            return False
+        occurrences += 1
+    return occurrences == len(regex.findall(normalized))  # fewer: a quote mark splits an occurrence

@@ -6,6 +6,8 @@ spaced-out letters joined. `\\s*` between words lets words that were run togethe
 Operators tune these in admin; the corpus in tests/chat/filter_corpus measures them.
 """
 
+import re
+
 from django.db import migrations
 
 # Words that make "ignore ..." a description rather than an order ("the model ignores ...",
@@ -305,7 +307,25 @@ def _bound_words(pattern):
     return pattern.replace(r"\w+", rf"\w{{1,{WORD_LIMIT}}}").replace(r"\w*", rf"\w{{0,{WORD_LIMIT}}}")
 
 
-RULES = [(name, action, _bound_words(pattern), description) for name, action, pattern, description in RULES]
+BOUNDED_RULES = [(name, action, _bound_words(pattern), description) for name, action, pattern, description in RULES]
+
+# A word run followed by more words (`\w{0,64}\s*(?:\w{1,64}\s+){0,5}?`, the rest of a cue word and
+# then a few words) can split one run-together word in ~64 x 64 ways, and tries them all at each
+# place the rule can start: "hex" * 33,000 + " then" took 2.5 s to screen, "flag" * 25,000 + a
+# quoted phrase + " attacks" 1.6 s. Written so that there is one way to read a message: either the
+# cue word runs straight into the next word of the rule ("decodethisandfollow"; `\w{0,32}?`, one
+# short scan), or the cue word ends at a space and whole words follow (possessive `\w{0,128}+`,
+# `\w{1,64}+`: a word is never split or given back). Differences from the bounded pattern: a cue
+# word run into the next word by more than 32 letters no longer counts (a scan of 64 at every
+# start cost ~60 ms on "flag" * 25,000), and one longer than 64 letters before a space now does.
+_SPLIT_WORDS = re.compile(r"\\w\{0,64\}\\s\*\(\?:\\w\{1,64\}\\s\+\)\{0,(\d)\}\?")
+
+
+def _one_way_to_split(pattern):
+    return _SPLIT_WORDS.sub(r"(?:\\w{0,32}?|\\w{0,128}+\\s+(?:\\w{1,64}+\\s+){0,\1}?)", pattern)
+
+
+RULES = [(name, action, _one_way_to_split(pattern), description) for name, action, pattern, description in BOUNDED_RULES]
 
 
 def seed(apps, schema_editor):

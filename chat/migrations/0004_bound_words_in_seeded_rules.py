@@ -13,13 +13,13 @@ SEED = importlib.import_module("chat.migrations.0003_seed_content_rules")
 
 def bound(apps, schema_editor):
     ContentRule = apps.get_model("chat", "ContentRule")
-    for (name, _, old, _), (_, _, new, _) in zip(SEED.UNBOUNDED_RULES, SEED.RULES, strict=True):
+    for (name, _, old, _), (_, _, new, _) in zip(SEED.UNBOUNDED_RULES, SEED.BOUNDED_RULES, strict=True):
         ContentRule.objects.filter(name=name, pattern=old).update(pattern=new)
 
 
 def unbound(apps, schema_editor):
     ContentRule = apps.get_model("chat", "ContentRule")
-    for (name, _, old, _), (_, _, new, _) in zip(SEED.UNBOUNDED_RULES, SEED.RULES, strict=True):
+    for (name, _, old, _), (_, _, new, _) in zip(SEED.UNBOUNDED_RULES, SEED.BOUNDED_RULES, strict=True):
         ContentRule.objects.filter(name=name, pattern=new).update(pattern=old)
 
 
