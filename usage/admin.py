@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.db.models import Count, QuerySet, Sum
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
@@ -90,10 +91,15 @@ class DayFilter(admin.SimpleListFilter):
         return [((today - timedelta(days=n)).isoformat(), f"{today - timedelta(days=n):%a %b %d}") for n in range(14)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        try:
-            day = date.fromisoformat(self.value() or "")
-        except ValueError:
+        value = self.value()
+        if not value:
             return queryset
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            # Not a day: refused as the admin's own filters refuse a bad value (the change list
+            # says so), never ignored, which showed the whole ledger's totals under `?day=`.
+            raise IncorrectLookupParameters(f"day must be YYYY-MM-DD, not {value!r}") from None
         start = datetime.combine(day, time.min, tzinfo=UTC)
         return queryset.filter(created_at__gte=start, created_at__lt=start + timedelta(days=1))
 

@@ -133,6 +133,16 @@ def test_ledger_change_list_filters_and_totals(staff_client, ledger) -> None:
     assert staff_client.get(url, {"q": str(one.request_id)}).context["totals"]["requests"] == 1
 
 
+def test_a_day_that_is_not_a_day_is_refused_not_ignored(staff_client, ledger) -> None:
+    """`?day=2024-02-30` showed the whole ledger's totals (6 records, $113.5002) under a day filter."""
+    url = reverse("admin:usage_usagerecord_changelist")
+    for bad in ("2024-02-30", "yesterday", f"{TODAY.isoformat()}x"):
+        response = staff_client.get(url, {"day": bad})
+        # The admin's answer to a bad lookup: back to the list, flagged invalid, no figures shown.
+        assert response.status_code == 302 and response["Location"].endswith("?e=1"), bad
+    assert staff_client.get(url, {"day": ""}).context["totals"]["requests"] == 6  # an empty box filters nothing
+
+
 def test_ledger_rows_are_read_only(staff_client, ledger) -> None:
     one = UsageRecord.objects.first()
     assert one is not None
