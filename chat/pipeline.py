@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -444,6 +445,10 @@ async def _settle(outcome: ChatOutcome) -> UsageRecord | None:
     except Exception:
         logger.exception("could not write the usage record", extra={"request_id": str(outcome.request_id)})
         return None
+    if record.request_id != outcome.request_id:
+        # The client's X-Request-ID was already in the ledger: the record (and the response) carry
+        # a fresh id, and so must the log line, or it names another request's record.
+        outcome = dataclasses.replace(outcome, request_id=record.request_id)
     try:
         _observe(outcome)
     except Exception:  # metrics and logs must never cost the client its answer

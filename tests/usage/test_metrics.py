@@ -239,6 +239,27 @@ def test_one_structured_line_per_request_without_content(service_url, sandbox, m
     assert secret not in line and body["message"] not in line
 
 
+def test_a_reused_request_id_is_logged_under_the_id_the_ledger_gave(
+    service_url, sandbox, make_user, settings, caplog
+) -> None:
+    """The second request with the same X-Request-ID is recorded under a fresh id; its log line
+    named the first request's record (2 output tokens) while reporting its own 7."""
+    settings.LOG_REQUESTS, settings.LOG_RESPONSES = True, False
+    caplog.set_level(logging.INFO, logger="chat.requests")
+    _, key = make_user("premium")
+    reused = {"X-Request-ID": "0c3e6f0a-5d8e-4c1b-9a7f-3e2d1c0b9a88"}
+    first = chat(service_url, key, "one [[tokens:2]]", **reused)
+    second = chat(service_url, key, "two [[tokens:7]]", **reused)
+    assert first.status_code == second.status_code == 200
+    assert second.headers["X-Request-ID"] != reused["X-Request-ID"]
+
+    lines = [orjson.loads(JsonFormatter().format(r)) for r in request_lines(caplog)]
+    assert [line["request_id"] for line in lines] == [first.headers["X-Request-ID"], second.headers["X-Request-ID"]]
+    for line in lines:  # each line describes the ledger record of the id it names
+        record = UsageRecord.objects.get(request_id=line["request_id"])
+        assert (line["output_tokens"], Decimal(line["cost"])) == (record.output_tokens, record.cost)
+
+
 def test_nothing_is_logged_without_log_requests(service_url, sandbox, make_user, settings, caplog) -> None:
     settings.LOG_REQUESTS, settings.LOG_RESPONSES = False, False
     caplog.set_level(logging.INFO, logger="chat.requests")
