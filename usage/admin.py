@@ -101,6 +101,8 @@ class DayFilter(admin.SimpleListFilter):
             # says so), never ignored, which showed the whole ledger's totals under `?day=`.
             raise IncorrectLookupParameters(f"day must be YYYY-MM-DD, not {value!r}") from None
         start = datetime.combine(day, time.min, tzinfo=UTC)
+        if day == date.max:  # no next day to end it: the last day runs to the end of time
+            return queryset.filter(created_at__gte=start)
         return queryset.filter(created_at__gte=start, created_at__lt=start + timedelta(days=1))
 
 

@@ -141,6 +141,9 @@ def test_a_day_that_is_not_a_day_is_refused_not_ignored(staff_client, ledger) ->
         # The admin's answer to a bad lookup: back to the list, flagged invalid, no figures shown.
         assert response.status_code == 302 and response["Location"].endswith("?e=1"), bad
     assert staff_client.get(url, {"day": ""}).context["totals"]["requests"] == 6  # an empty box filters nothing
+    for edge in ("9999-12-31", "0001-01-01"):  # the calendar's ends are days too (the last has no next day)
+        response = staff_client.get(url, {"day": edge})
+        assert response.status_code == 200 and response.context["totals"]["requests"] == 0, edge
 
 
 def test_ledger_rows_are_read_only(staff_client, ledger) -> None:
