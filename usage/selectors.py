@@ -34,7 +34,7 @@ def _iso(moment: datetime) -> str:
 
 def _parse_moment(value: str, name: str, *, end: bool) -> datetime:
     try:
-        if len(value) == 10:
+        if "T" not in value and ":" not in value:  # a date in any ISO form (2026-03-14, 20260314): a whole day
             day = date.fromisoformat(value)
             moment = datetime.combine(day + timedelta(days=1) if end else day, time.min, tzinfo=UTC)
         else:

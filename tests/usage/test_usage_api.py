@@ -208,3 +208,8 @@ def test_period_rules() -> None:
     assert week.start == at(DAY - timedelta(days=6), 0) and week.end == at(DAY + timedelta(days=1), 0)
     offset = period_from_params({"from": "2026-03-14T02:00:00+02:00"}, now=now)
     assert offset.start == at(DAY, 0) and offset.end == at(DAY + timedelta(days=1), 0)
+    # a date in ISO's basic form is the same whole day as the extended form (it was midnight, so
+    # `to=20260314` left the day out)
+    basic = period_from_params({"from": "20260314", "to": "20260314"}, now=now)
+    assert basic == period_from_params({"from": "2026-03-14", "to": "2026-03-14"}, now=now)
+    assert basic.end == at(DAY + timedelta(days=1), 0)
