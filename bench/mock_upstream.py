@@ -40,6 +40,8 @@ _MARKER = re.compile(rb"\[\[mock ([^\]]*)\]\]")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
+_clock = time.monotonic  # the event loop's clock (a test replaces it, and `_sleep`, with fakes)
+_sleep = asyncio.sleep
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +153,7 @@ class MockUpstream:
         return orjson.dumps({"object": "list", "data": data})
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = _clock()  # the pacing counts from here: token i is due at ttft + i * itl
         self.stats.requests += 1
         body = await _read_body(receive)
         try:
@@ -171,9 +174,9 @@ class MockUpstream:
         if request.get("stream"):
             options = request.get("stream_options")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            await self._stream(receive, send, spec, model, usage if include_usage else None)
+            await self._stream(receive, send, spec, model, usage if include_usage else None, arrived)
         else:
-            await asyncio.sleep(spec.duration)
+            await _sleep_until(arrived + spec.duration)
             await _json(send, 200, self._completion(model, spec, usage))
 
     def _completion(self, model: str, spec: MockSpec, usage: dict[str, int]) -> bytes:
@@ -197,7 +200,13 @@ class MockUpstream:
         )
 
     async def _stream(
-        self, receive: Receive, send: Send, spec: MockSpec, model: str, usage: dict[str, int] | None
+        self,
+        receive: Receive,
+        send: Send,
+        spec: MockSpec,
+        model: str,
+        usage: dict[str, int] | None,
+        arrived: float,
     ) -> None:
         stats = self.stats
         stats.streams_open += 1
@@ -208,7 +217,9 @@ class MockUpstream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             for index in range(spec.tokens):
-                await asyncio.sleep(spec.ttft if index == 0 else spec.itl)
+                # Each token against the schedule, not a delay after the previous one: a late wake-up
+                # (a busy loop's) must not push every later token back, or a "10 s" stream drifts longer.
+                await _sleep_until(arrived + spec.ttft + index * spec.itl)
                 if gone.is_set():
                     return
                 chunk = frame.delta({"content": _WORDS[index % len(_WORDS)]})
@@ -252,6 +263,10 @@ class _ChunkFramer:
 
     def usage(self, usage: dict[str, int]) -> bytes:
         return self._frame({"choices": [], "usage": usage})
+
+
+async def _sleep_until(due: float) -> None:
+    await _sleep(max(0.0, due - _clock()))
 
 
 async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:

@@ -94,6 +94,57 @@ def test_spec_parsing_header_in_seconds_marker_in_milliseconds() -> None:
     assert spec_for([], MockSpec(0.1, 0.02, 3).marker().encode(), default) == MockSpec(0.1, 0.02, 3)
 
 
+def _paced_clock(monkeypatch: pytest.MonkeyPatch, overshoot: float) -> list[float]:
+    """A fake clock for the mock: each of its sleeps ends `overshoot` seconds late, as a busy loop's do."""
+    now = [1000.0]
+    real_sleep = asyncio.sleep
+
+    async def late_sleep(delay: float) -> None:
+        now[0] += max(0.0, delay) + overshoot
+        await real_sleep(0)
+
+    monkeypatch.setattr("bench.mock_upstream._clock", lambda: now[0])
+    monkeypatch.setattr("bench.mock_upstream._sleep", late_sleep)
+    return now
+
+
+async def _call_mock(app: MockUpstream, request: dict[str, Any], now: list[float]) -> list[float]:
+    """Send `request` to the mock's ASGI app; the fake clock's time at each body part it sends."""
+    hold = asyncio.Event()
+    sent_at: list[float] = []
+    messages = [{"type": "http.request", "body": orjson.dumps(request), "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await hold.wait()  # no disconnect
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            sent_at.append(now[0])
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    await app(scope, receive, send)
+    return sent_at
+
+
+async def test_mock_paces_tokens_on_a_schedule_so_late_wakeups_do_not_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A "10 s" stream lasts 10 s however late each sleep wakes: token i is due at ttft + i * itl from
+    the request, not one itl after the previous token was sent."""
+    now = _paced_clock(monkeypatch, overshoot=0.002)
+    spec = MockSpec(ttft=0.1, itl=0.1, tokens=100)
+    started = now[0]
+    request = {"model": "m", "messages": [{"role": "user", "content": spec.marker()}], "stream": True}
+    sent_at = await _call_mock(MockUpstream(), request, now)
+    tokens_at = sent_at[:100]  # then the finish chunk with [DONE]
+    assert tokens_at[0] - started == pytest.approx(0.1 + 0.002)
+    assert tokens_at[-1] - started == pytest.approx(spec.duration + 0.002)  # one late wake-up, not 100
+    request = {"model": "m", "messages": [{"role": "user", "content": spec.marker()}]}
+    started = now[0]
+    assert (await _call_mock(MockUpstream(), request, now))[-1] - started == pytest.approx(spec.duration + 0.002)
+
+
 # --- statistics -------------------------------------------------------------------------------
 
 
