@@ -171,7 +171,10 @@ async def _read_body(
     """Read the body to its end, feeding it to `scanner` (a streamed reply) as it arrives."""
     if chunked:
         while True:
-            size = int((await reader.readline()).split(b";", 1)[0].strip() or b"0", 16)
+            line = await reader.readline()
+            if not line:  # the connection closed before the last chunk: the reply was cut off
+                raise asyncio.IncompleteReadError(b"", None)
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
             if size == 0:
                 while (await reader.readline()) not in (b"\r\n", b"\n", b""):
                     pass

@@ -265,6 +265,32 @@ async def test_gateway_sse_frames_are_parsed_over_http(end: str, ok: int, kinds:
     assert (result.ttft.count if result.ttft else 0) == ok
 
 
+async def test_a_reply_cut_off_between_chunks_is_one_error_and_its_connection_is_not_reused() -> None:
+    """A server that fails mid-stream closes the connection after a whole chunk, without the last one:
+    that request is an error, and the next one goes out on a new connection."""
+    reached = 0
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal reached
+        if scope["type"] != "http":
+            return
+        reached += 1
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": sse_frame(Token("w0 ")), "more_body": True})
+        raise RuntimeError("the server fails mid-stream")
+
+    server = BackgroundServer(app).start()
+    try:
+        scenario = select(["stream-c64"], quick=True)[0]
+        result = await run_load(gateway_target(server.url, scenario, api_keys=["k"]), requests=3, concurrency=1)
+    finally:
+        server.stop()
+    assert (reached, result.ok, result.errors) == (3, 0, 3)
+    assert result.error_kinds == {"IncompleteReadError": 3}
+
+
 async def test_a_streams_tail_runs_from_its_last_token_to_the_end_of_the_reply() -> None:
     """What comes after the last token (the gateway's ledger write, then `done`) is measured on its own."""
     tokens = [sse_frame(Token(f"w{i} ")) for i in range(3)]
