@@ -205,6 +205,22 @@ def litellm_config(log_dir: Path, mock_port: int) -> Path:
     return config
 
 
+def litellm_env() -> dict[str, str]:
+    """LiteLLM's proxy's environment: no provider keys, no database, its price list from its package.
+
+    The proxy takes a database from DATABASE_URL or DIRECT_URL (or builds one from DATABASE_HOST and
+    the rest), migrates it and writes its spend logs there; the side-by-side run is of the proxy
+    without one, whatever the shell running the bench exports (the gateway's own DATABASE_URL, say).
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.endswith("_API_KEY") and not k.startswith("DATABASE_") and k != "DIRECT_URL"
+    }
+    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # its price list from its package, not the internet
+    return env
+
+
 async def run_all(options: RunOptions, log: Log) -> list[SystemResult]:
     """Everything for one run; the systems in order: direct, the gateway per server, LiteLLM."""
     if processes.pin_self(processes.MOCK_CORE):
@@ -289,9 +305,7 @@ async def _measure_litellm(options: RunOptions, mock_port: int, log: Log) -> Sys
     config = litellm_config(options.log_dir, mock_port)
     command = [options.litellm_python, "-m", "litellm.proxy.proxy_cli", "--config", str(config), "--port", str(port),
                "--host", "127.0.0.1", "--num_workers", "1"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
-    env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # its price list from its package, not the internet
-    child = processes.start("litellm", command, port=port, core=processes.GATEWAY_CORE, env=env,
+    child = processes.start("litellm", command, port=port, core=processes.GATEWAY_CORE, env=litellm_env(),
                             log_dir=options.log_dir, cwd=ROOT)  # fmt: skip
     try:
         child.wait_ready("/health/liveliness", timeout=120)

@@ -16,7 +16,7 @@ import pytest
 from bench.load import StreamScanner, Target, run_load
 from bench.mock_upstream import MockSpec, MockUpstream, parse_spec, reply_text, spec_for
 from bench.report import markdown, verdict
-from bench.run import SystemResult, litellm_available
+from bench.run import SystemResult, litellm_available, litellm_env
 from bench.scenarios import SCENARIOS, gateway_target, openai_target, select
 from bench.stats import distribution, percentile
 from chat.events import Done, Failed, Started, Token, sse_frame
@@ -386,3 +386,15 @@ def test_litellm_is_found_in_the_interpreter_given_for_it_and_only_there(tmp_pat
 
     assert litellm_available(str(python))
     assert not litellm_available(str(tmp_path / "no-such-python"))
+
+
+def test_litellm_runs_without_a_database_whatever_the_shell_exports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LiteLLM's proxy takes a database from DATABASE_URL (or DATABASE_HOST and the rest), migrates it and
+    logs spend to it; the side-by-side run is of the proxy with none, so none may leak in from the shell."""
+    monkeypatch.setenv("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/chat")
+    monkeypatch.setenv("DIRECT_URL", "postgres://postgres@127.0.0.1:5432/chat")
+    monkeypatch.setenv("DATABASE_HOST", "127.0.0.1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real")
+    env = litellm_env()
+    assert not {"DATABASE_URL", "DIRECT_URL", "DATABASE_HOST", "OPENAI_API_KEY"} & env.keys()
+    assert env["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
