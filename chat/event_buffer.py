@@ -14,9 +14,9 @@ T = TypeVar("T")
 
 
 class EventBuffer(Generic[T]):
-    """At most `maxsize` items from one producer (`put`, `put_nowait`) to one consumer (`get`)."""
+    """At most `maxsize` items from one producer (`put`, `put_nowait`, `close`) to one consumer (`get`)."""
 
-    __slots__ = ("_getter", "_items", "_maxsize", "_putter")
+    __slots__ = ("_closed", "_getter", "_items", "_maxsize", "_putter")
 
     def __init__(self, maxsize: int) -> None:
         if maxsize <= 0:
@@ -25,6 +25,7 @@ class EventBuffer(Generic[T]):
         self._maxsize = maxsize
         self._getter: asyncio.Future[None] | None = None  # the consumer, waiting for an item
         self._putter: asyncio.Future[None] | None = None  # the producer, waiting for room
+        self._closed = False  # the producer is done: no more items will come
 
     def full(self) -> bool:
         return len(self._items) >= self._maxsize
@@ -49,9 +50,20 @@ class EventBuffer(Generic[T]):
                 self._putter = None
         self.put_nowait(item)
 
-    async def get(self) -> T:
-        """The oldest item, once there is one."""
+    def close(self) -> None:
+        """End the stream: once the items already in are taken, `get` returns None.
+
+        Takes no room, so it never waits and never fails: a full buffer (a client that stopped
+        reading) still ends, where a None put in as an item would find no room and be lost.
+        """
+        self._closed = True
+        _wake(self._getter)
+
+    async def get(self) -> T | None:
+        """The oldest item, once there is one; None once the buffer is closed and empty."""
         while not self._items:
+            if self._closed:
+                return None
             self._getter = asyncio.get_running_loop().create_future()
             try:
                 await self._getter

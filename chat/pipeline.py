@@ -222,7 +222,7 @@ class ChatRun:
 
     def __init__(self, prepared: PreparedChat) -> None:
         self.prepared = prepared
-        self._queue: EventBuffer[ChatEvent | None] = EventBuffer(settings.STREAM_BUFFER_EVENTS)
+        self._queue: EventBuffer[ChatEvent] = EventBuffer(settings.STREAM_BUFFER_EVENTS)
         self._task: asyncio.Task[None] | None = None
         self._cancel_code = "cancelled"
         self.record: UsageRecord | None = None
@@ -347,12 +347,13 @@ class ChatRun:
                 self._is_settled = True
                 if self._settled is not None:
                     self._settled.set()
-        if cancelled:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(None)
-            return
-        with contextlib.suppress(SlowClient):
-            await self._put(self._terminal(outcome, trace, error))
+        if not cancelled:
+            with contextlib.suppress(SlowClient):
+                await self._put(self._terminal(outcome, trace, error))
+        # The end of the stream reaches the consumer even when the buffer is full: a client that
+        # was dropped as slow and reads again gets what was buffered, then the end, rather than
+        # a stream (and, on WebSocket, a chat slot) that stays open for good.
+        self._queue.close()
 
     @property
     def ledger_request_id(self) -> uuid.UUID:

@@ -48,3 +48,22 @@ async def test_a_consumer_that_gave_up_waiting_leaves_the_buffer_usable() -> Non
         await asyncio.wait_for(buffer.get(), timeout=0.05)
     buffer.put_nowait(7)
     assert await asyncio.wait_for(buffer.get(), timeout=1) == 7
+
+
+async def test_close_ends_the_stream_after_the_items_even_when_full() -> None:
+    """The producer's end takes no room: a full buffer (a client that stopped reading) still ends."""
+    buffer: EventBuffer[int] = EventBuffer(2)
+    buffer.put_nowait(1)
+    buffer.put_nowait(2)
+    buffer.close()
+    assert buffer.qsize() == 2
+    assert [await buffer.get() for _ in range(4)] == [1, 2, None, None]
+
+
+async def test_close_wakes_a_waiting_consumer() -> None:
+    buffer: EventBuffer[int] = EventBuffer(1)
+    getting = asyncio.create_task(buffer.get())
+    await asyncio.sleep(0.01)
+    assert not getting.done()
+    buffer.close()
+    assert await asyncio.wait_for(getting, timeout=1) is None

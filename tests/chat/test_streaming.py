@@ -268,6 +268,73 @@ async def test_a_client_that_stops_reading_is_dropped_and_billed_as_cancelled(sa
     assert sandbox.active_streams == 0 and sandbox.aborted_streams == 1
 
 
+async def test_a_client_dropped_as_slow_that_reads_again_sees_its_stream_end(sandbox, make_user, settings) -> None:
+    """After the slow-client drop the buffer is full, so the end of the stream must not need room:
+    it was lost there, and a client that read again got the buffered events and then waited for
+    good (an SSE response that never ended; on WebSocket, every later chat refused as in progress)."""
+    from accounts.selectors import api_key_authenticate
+    from chat.events import Done, Failed
+    from chat.pipeline import ChatRun, prepare
+    from chat.schemas import ChatRequest
+    from chatservice.db import db_async
+    from chatservice.request_ids import request_id_from
+
+    settings.STREAM_BUFFER_EVENTS = 4
+    settings.SLOW_CLIENT_TIMEOUT_SECONDS = 0.3
+    _, key = await db_async(make_user)("premium")
+    principal = await db_async(api_key_authenticate)(key)
+    assert principal is not None
+    prepared = await prepare(
+        principal=principal,
+        chat=ChatRequest(message="x [[tokens:200]] [[slow:20]]", model="openai"),
+        transport="sse",
+        request_id=request_id_from(None),
+    )
+    run = ChatRun(prepared).start()
+    await asyncio.wait_for(run.settled.wait(), timeout=5)  # nobody reads: it gives up on its own
+    assert run.record is not None and run.record.error_code == "slow_client"
+
+    async def drain() -> list[object]:
+        return [event async for event in run.events()]
+
+    events = await asyncio.wait_for(drain(), timeout=5)  # ends, rather than waiting forever
+    assert 1 <= len(events) <= 4
+    assert not any(isinstance(event, Done | Failed) for event in events)  # cancelled: no terminal event
+
+
+async def test_a_terminal_event_that_finds_no_room_still_ends_the_stream(sandbox, make_user, settings) -> None:
+    """The reply completed while the client was not reading: the terminal event waits for room up
+    to the slow-client timeout and is then given up, but the stream still ends."""
+    from accounts.selectors import api_key_authenticate
+    from chat.events import Started
+    from chat.pipeline import ChatRun, prepare
+    from chat.schemas import ChatRequest
+    from chatservice.db import db_async
+    from chatservice.request_ids import request_id_from
+
+    settings.STREAM_BUFFER_EVENTS = 1  # the start event fills it; the reply has no tokens
+    settings.SLOW_CLIENT_TIMEOUT_SECONDS = 0.3
+    _, key = await db_async(make_user)("premium")
+    principal = await db_async(api_key_authenticate)(key)
+    assert principal is not None
+    prepared = await prepare(
+        principal=principal,
+        chat=ChatRequest(message="x [[tokens:0]]", model="openai"),
+        transport="sse",
+        request_id=request_id_from(None),
+    )
+    run = ChatRun(prepared).start()
+    await asyncio.wait_for(run.settled.wait(), timeout=5)
+    assert run.record is not None and run.record.status == "ok"
+    await asyncio.wait_for(run._task, timeout=5)  # type: ignore[arg-type]  # gave up on the terminal put
+
+    async def drain() -> list[object]:
+        return [event async for event in run.events()]
+
+    events = await asyncio.wait_for(drain(), timeout=5)  # ends, rather than waiting forever
+    assert [type(event) for event in events] == [Started]
+
+
 async def test_a_run_cancelled_before_its_producer_ran_is_settled(sandbox, make_user) -> None:
     """A client that hangs up while the request is being admitted: the disconnect watcher
     cancels the run in the same loop turn that started it, before the producer task's first
