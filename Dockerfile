@@ -18,4 +18,4 @@ USER chat
 EXPOSE 8002
 CMD ["uvicorn", "chatservice.asgi:application", "--host", "0.0.0.0", "--port", "8002", \
      "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off", \
-     "--no-access-log", "--timeout-keep-alive", "120"]
+     "--no-access-log", "--timeout-keep-alive", "120", "--ws-max-size", "1048576"]

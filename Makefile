@@ -42,7 +42,7 @@ run: demo-key
 # sent on a connection uvicorn is closing would be a 502.
 serve: venv
 	$(BIN)/uvicorn chatservice.asgi:application --host $(HOST) --port $(PORT) \
-		--loop uvloop --http httptools --ws websockets-sansio --lifespan off --no-access-log --timeout-keep-alive 120
+		--loop uvloop --http httptools --ws websockets-sansio --lifespan off --no-access-log --timeout-keep-alive 120 --ws-max-size 1048576
 
 services:
 	@scripts/ensure-services.sh

@@ -106,7 +106,7 @@ def gateway_command(server: str, port: int) -> list[str]:
         return [
             str(BIN / "uvicorn"), "chatservice.asgi:application", "--host", "127.0.0.1", "--port", str(port),
             "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--lifespan", "off",
-            "--no-access-log", "--timeout-keep-alive", "120",
+            "--no-access-log", "--timeout-keep-alive", "120", "--ws-max-size", "1048576",
         ]  # fmt: skip
     raise ValueError(f"unknown server {server!r}")
 

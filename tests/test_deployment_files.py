@@ -65,7 +65,12 @@ def test_dockerfile_serves_the_asgi_app_with_the_make_serve_command() -> None:
     assert serve[0] == ".venv/bin/uvicorn"
     assert _dockerfile_cmd() == ["uvicorn", *serve[1:]]
     assert serve[1] == "chatservice.asgi:application"
-    for flag, value in (("--loop", "uvloop"), ("--http", "httptools"), ("--ws", "websockets-sansio")):
+    for flag, value in (
+        ("--loop", "uvloop"),
+        ("--http", "httptools"),
+        ("--ws", "websockets-sansio"),
+        ("--ws-max-size", "1048576"),  # MAX_REQUEST_BYTES' default: uvicorn's own is 16 MiB
+    ):
         assert serve[serve.index(flag) + 1] == value, flag
 
 

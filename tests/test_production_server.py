@@ -8,6 +8,9 @@ provider on the sandbox upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import subprocess
 import sys
 from collections import Counter
@@ -89,3 +92,40 @@ def test_the_served_application_freezes_its_startup_heap() -> None:
     before, frozen, young = (int(v) for v in done.stdout.split())
     assert before == 700 and young == heap.YOUNG_THRESHOLD
     assert frozen > 100_000  # what the application loaded, out of every collection's way
+
+
+def test_an_oversized_websocket_message_is_refused_before_it_is_read(
+    production_server: ServerProcess, make_user: Callable[..., tuple[Any, str]]
+) -> None:
+    """A frame whose header declares more than MAX_REQUEST_BYTES is closed with 1009 at once.
+
+    Under uvicorn's default (16 MiB) the server read and held the whole message before the
+    application could refuse it: 20 sockets each sending one 15 MB message took the process
+    from 362 to 955 MB. The frame here declares 8 MiB and sends 4 KiB of it: only a server that
+    refuses on the header answers before the rest arrives.
+    """
+    _, key = make_user("premium")
+    host, port = production_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_SECONDS) as sock:
+        sock.sendall(
+            b"GET /ws/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\n\r\n"
+        )
+        received = b""
+        while b'{"type":"ready"}' not in received:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+        declared = 8 * 1024 * 1024
+        header = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", declared) + b"\0\0\0\0"  # a zero mask
+        sock.sendall(header + b"a" * 4096)
+        frames = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while len(frames) < 4:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                frames += chunk
+    assert frames[:1] == b"\x88", frames  # a close frame
+    assert struct.unpack("!H", frames[2:4])[0] == 1009
