@@ -383,7 +383,7 @@ class ChatRun:
         prepared = self.prepared
         entry = trace.served_by
         reply = "".join(parts)
-        usage = _billable_usage(usage, reply, status, prepared.prompt_tokens, entry)
+        usage = _billable_usage(usage, reply, status, prepared.prompt_tokens, entry, prepared.route.max_tokens)
         prices = Prices.of(entry) if entry is not None else None
         cost = cost_of(usage, prices) if prices is not None else Decimal(0)
         error_code = self._cancel_code if cancelled else (error.code if error else "")
@@ -422,19 +422,26 @@ class ChatRun:
 
 
 def _billable_usage(
-    reported: Usage | None, reply: str, status: str, prompt_tokens: int, entry: CatalogEntry | None
+    reported: Usage | None,
+    reply: str,
+    status: str,
+    prompt_tokens: int,
+    entry: CatalogEntry | None,
+    max_tokens: int,
 ) -> Usage:
     """Provider-reported usage when there is a full report; otherwise count what was generated.
 
     A stream that was cut or cancelled has no final usage report: its output is counted from
     the text the provider produced, its input from the prompt, and the record says "estimated".
-    A request that produced nothing is billed nothing.
+    The count is never more than the provider could have generated (the request's max_tokens,
+    within the model's max output): another tokenizer's count of the text can be higher than
+    the provider's own. A request that produced nothing is billed nothing.
     """
     if reported is not None and status == "ok":
         return reported
     if not reply or entry is None:
         return reported or Usage(0, 0, 0, source="provider")
-    counted = count_text(reply, entry.upstream_model).tokens
+    counted = min(count_text(reply, entry.upstream_model).tokens, max(1, min(max_tokens, entry.max_output_tokens)))
     if reported is not None and reported.output_tokens >= counted:
         return reported
     return Usage(input_tokens=prompt_tokens, output_tokens=counted, cached_input_tokens=0, source="estimated")

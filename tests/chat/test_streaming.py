@@ -58,6 +58,20 @@ def test_completed_stream(service_url, sandbox, make_user, transport, provider) 
         assert all(data["request_id"] == "client-1" for _, data in got.events)
 
 
+def test_a_cut_reply_is_never_billed_more_output_than_max_tokens(
+    service_url, sandbox, make_user, fast_failures
+) -> None:
+    """The estimate counts the text with tiktoken, which reads these words as more tokens than the
+    provider generated (11 chunks count 16 or so): it is capped at what max_tokens let it make."""
+    _, key = make_user("premium")
+    message = "x [[tokens:12]] [[drop:11]]"
+    got = run_chat("sse", service_url, key, {"message": message, "model": "claude-haiku-4-5", "max_tokens": 12})
+    assert got.last()["error"]["code"] == "provider_connection_error"
+    assert count_text(got.text(), "claude-haiku-4-5").tokens > 12  # the premise: the count runs over
+    record = wait_for_record()
+    assert (record.status, record.usage_source, record.output_tokens) == ("partial", "estimated", 12)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_failure_before_first_token(service_url, sandbox, make_user, fast_failures, transport) -> None:
     _, key = make_user("premium")
