@@ -62,15 +62,18 @@ class ChatOutcome:
 
 def _ledger_parts(outcome: ChatOutcome, keep_exchange: bool) -> tuple[UsageRecord, ConversationWrite | None, int]:
     record = _usage_record(outcome)
-    keep = keep_exchange and bool(outcome.reply) and outcome.conversation_id is not None
+    # A request that answered (status ok) is kept even when the reply is empty: its response names
+    # the conversation, which must then exist (and, when the request started it, be continuable).
+    produced = bool(outcome.reply) or outcome.status == "ok"
+    keep = keep_exchange and produced and outcome.conversation_id is not None
     kept = _conversation_write(outcome) if keep else None
     return record, kept, outcome.input_tokens + outcome.output_tokens
 
 
 def usage_settle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRecord:
     """Write the request's UsageRecord, settle its token reservation to the actual usage, and
-    keep the exchange in its conversation (only when the provider produced text and
-    `keep_exchange`) — all or nothing.
+    keep the exchange in its conversation (only when the provider produced text or the request
+    succeeded, and `keep_exchange`) — all or nothing.
 
     On Postgres this is one statement (`usage.ledger_statement`); elsewhere one transaction.
     """

@@ -122,6 +122,29 @@ def test_delete_removes_the_conversation_and_keeps_the_ledger(service_url, sandb
     assert httpx.get(f"{service_url}/history", headers=auth(key)).json()["results"] == []
 
 
+def test_an_empty_reply_keeps_the_conversation_its_response_names(service_url, sandbox, make_user) -> None:
+    """A 200 whose reply is empty (the provider answered no text) still names a conversation: it
+    exists, holds the exchange, and can be continued, rather than a 404 for an id the reply gave."""
+    _, key = make_user("premium")
+    first = chat(service_url, key, {"message": "say nothing [[tokens:0]]", "model": "openai"})
+    assert first["message"] == "" and first["input_tokens"] > 0
+
+    response = httpx.get(f"{service_url}/history/{first['conversation_id']}", headers=auth(key))
+    assert response.status_code == 200, response.text
+    messages = response.json()["messages"]
+    assert [(m["role"], m["content"], m["incomplete"]) for m in messages] == [
+        ("user", "say nothing [[tokens:0]]", False),
+        ("assistant", "", False),
+    ]
+    second = chat(
+        service_url,
+        key,
+        {"message": "and now? [[tokens:2]]", "model": "claude", "conversation_id": first["conversation_id"]},
+    )
+    assert second["conversation_id"] == first["conversation_id"]
+    assert httpx.get(f"{service_url}/history", headers=auth(key)).json()["results"][0]["message_count"] == 4
+
+
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
 def test_another_users_conversation_is_404_like_a_missing_one(service_url, make_user, method) -> None:
     owner, _ = make_user("premium")
