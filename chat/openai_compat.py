@@ -24,6 +24,7 @@ from providers.base import ChatMessage
 from providers.catalog import CatalogEntry, acatalog_entries, resolve_model
 from usage.admission import rate_limit_headers
 
+MAX_STOP_SEQUENCES = 4
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -112,6 +113,13 @@ def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
             details={"fields": {"messages": "must include a user message"}},
         )
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if len(stop) > MAX_STOP_SEQUENCES:  # OpenAI's limit ("Up to 4 sequences"); Gemini's is 5
+        raise ServiceError(
+            "invalid_request",
+            f"stop holds at most {MAX_STOP_SEQUENCES} sequences.",
+            status=400,
+            details={"fields": {"stop": f"at most {MAX_STOP_SEQUENCES} sequences"}},
+        )
     chat = parse_chat_request(  # refuses (400) a message that sanitizing leaves blank
         {
             "message": users[-1],

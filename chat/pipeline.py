@@ -117,6 +117,8 @@ async def prepare(
     )
     entry = selection.entry
     _check_options(chat, entry)
+    if passthrough is not None:
+        _check_stop(passthrough.stop, entry)
     max_tokens = chat.max_tokens or min(settings.MAX_TOKENS_DEFAULT, entry.max_output_tokens)
     system_prompt = chat.system_prompt if chat.system_prompt is not None else history.system_prompt
     if passthrough is not None:
@@ -190,6 +192,17 @@ async def _history_tokens(chat: ChatRequest, history: History) -> int:
 
 def _default_temperature(entry: CatalogEntry) -> float:
     return min(settings.TEMPERATURE_DEFAULT, ANTHROPIC_MAX_TEMPERATURE if entry.provider == "claude" else 2.0)
+
+
+def _check_stop(stop: tuple[str, ...], entry: CatalogEntry) -> None:
+    """Anthropic refuses a stop sequence with no non-whitespace character (OpenAI and Gemini take "\\n")."""
+    if entry.provider == "claude" and any(not s.strip() for s in stop):
+        raise ServiceError(
+            "invalid_request",
+            f"stop sequences must contain a non-whitespace character for {entry.name}.",
+            status=400,
+            details={"fields": {"stop": "must contain a non-whitespace character for Claude models"}},
+        )
 
 
 def _check_options(chat: ChatRequest, entry: CatalogEntry) -> None:

@@ -82,14 +82,18 @@ def map_error(provider: str, exc: BaseException) -> ProviderError:
 
 
 def _split(messages: tuple[ChatMessage, ...]) -> tuple[str, list[MessageParam]]:
-    """System messages joined into Anthropic's `system`; the rest as the conversation."""
-    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    """System messages joined into Anthropic's `system`; the rest as the conversation.
+
+    An empty message is left out: the Messages API refuses one ("all messages must have
+    non-empty content"), and it carries no text.
+    """
+    system = "\n\n".join(m.content for m in messages if m.role == "system" and m.content)
     turns: list[MessageParam] = [
         AssistantMessageParam(role="assistant", content=m.content)
         if m.role == "assistant"
         else UserMessageParam(role="user", content=m.content)
         for m in messages
-        if m.role != "system"
+        if m.role != "system" and m.content
     ]
     return system, turns
 

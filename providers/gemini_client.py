@@ -90,7 +90,7 @@ class GeminiProvider:
         )
 
     def _config(self, request: ProviderRequest) -> types.GenerateContentConfig:
-        system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+        system = "\n\n".join(m.content for m in request.messages if m.role == "system" and m.content)
         return types.GenerateContentConfig(
             system_instruction=system or None,
             max_output_tokens=request.max_tokens,
@@ -102,10 +102,11 @@ class GeminiProvider:
 
     @staticmethod
     def _contents(messages: tuple[ChatMessage, ...]) -> list[types.Content]:
+        """The turns as Gemini contents; an empty one is left out (Gemini refuses an empty text part)."""
         return [
             types.Content(role="model" if m.role == "assistant" else "user", parts=[types.Part(text=m.content)])
             for m in messages
-            if m.role != "system"
+            if m.role != "system" and m.content
         ]
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:

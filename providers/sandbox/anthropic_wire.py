@@ -103,6 +103,8 @@ def _parse_call(body: Any) -> _MessagesCall | str:
     stops = body.get("stop_sequences") or []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         return "stop_sequences: Input should be a list of strings"
+    if any(not s.strip() for s in stops):
+        return "stop_sequences: each stop sequence must contain non-whitespace"
     texts: list[str] = []
     system = body.get("system")
     if system is not None:
@@ -125,6 +127,12 @@ def _parse_call(body: Any) -> _MessagesCall | str:
             )
         if role not in ("user", "assistant") or text is None:
             return f"messages.{index}: Input should be a user or assistant message with content"
+        final_assistant = role == "assistant" and index == len(messages) - 1
+        if not text and not final_assistant:
+            return (
+                f"messages.{index}: all messages must have non-empty content "
+                "except for the optional final assistant message"
+            )
         texts.append(text)
         if role == "user":
             last_user = text

@@ -103,6 +103,9 @@ def _auth_error(api_key: str) -> JSONResponse | None:
     return None
 
 
+_MAX_STOP_SEQUENCES = 5
+
+
 @dataclass(frozen=True)
 class _Call:
     model: str
@@ -132,6 +135,13 @@ def _parse_call(model: str, body: Any) -> _Call | JSONResponse:
         role = content.get("role", "user") if isinstance(content, dict) else None
         if role not in ("user", "model"):
             return _error(400, "INVALID_ARGUMENT", "Please use a valid role: user, model.")
+        if not _text_of(content):
+            return _error(
+                400,
+                "INVALID_ARGUMENT",
+                "Unable to submit request because it has an empty text parameter. "
+                "Add a value to the parameter and try again.",
+            )
         texts.append(_text_of(content))
         if role == "user":
             last_user = texts[-1]
@@ -145,6 +155,10 @@ def _parse_call(model: str, body: Any) -> _Call | JSONResponse:
     temperature = config.get("temperature")
     if temperature is not None and not (isinstance(temperature, int | float) and 0 <= temperature <= 2):
         return _error(400, "INVALID_ARGUMENT", f"* {_CONFIG_FIELD}.temperature: must be in [0, 2]")
+    if len(config.get("stopSequences") or ()) > _MAX_STOP_SEQUENCES:
+        return _error(
+            400, "INVALID_ARGUMENT", f"* {_CONFIG_FIELD}.stop_sequences: at most {_MAX_STOP_SEQUENCES} are allowed"
+        )
     stops = tuple(str(s) for s in config.get("stopSequences") or () if s)
     return _Call(model, texts, last_user, max_tokens, stops)
 

@@ -274,6 +274,9 @@ def _auth_error(api_key: str | None) -> Response | None:
     return None
 
 
+_MAX_STOP = 4  # OpenAI's documented limit ("Up to 4 sequences")
+
+
 def _bad_request(message: str, param: str | None = None, code: str | None = None) -> Response:
     return error_response(400, message, type_="invalid_request_error", code=code, param=param)
 
@@ -298,6 +301,14 @@ def _validate(body: dict[str, Any]) -> Response | None:
                 field,
                 "integer_below_min_value",
             )
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > _MAX_STOP:
+        return _bad_request(
+            f"Invalid 'stop': array too long. Expected an array with maximum length {_MAX_STOP}, "
+            f"but got an array with length {len(stop)} instead.",
+            "stop",
+            "array_above_max_length",
+        )
     temperature = body.get("temperature")
     if temperature is not None and (not isinstance(temperature, int | float) or not 0 <= temperature <= 2):
         return _bad_request(

@@ -217,3 +217,58 @@ def test_a_flagged_earlier_turn_flags_the_record(service_url, sandbox, make_user
         ],
     )
     assert UsageRecord.objects.get().flagged is True
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-haiku-4-5", "deepseek-chat", "gemini-2.5-flash"])
+def test_more_than_four_stop_sequences_are_refused_before_admission(service_url, sandbox, make_user, model) -> None:
+    # OpenAI takes "Up to 4 sequences" (Gemini at most 5): more is refused here, naming `stop`.
+    _, key = make_user("premium")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(service_url, key).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], stop=["a", "b", "c", "d", "e"]
+        )
+    assert refused.value.param == "stop" and "at most 4" in refused.value.message
+    assert not sandbox.calls() and UsageRecord.objects.count() == 0
+    ok = client(service_url, key).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], stop=["a", "b", "c", "d"]
+    )
+    assert ok.choices[0].finish_reason == "stop"
+
+
+def test_a_whitespace_only_stop_sequence_is_refused_for_claude(service_url, sandbox, make_user) -> None:
+    # Anthropic refuses a stop sequence without a non-whitespace character; OpenAI takes "\n".
+    _, key = make_user("premium")
+    messages = [{"role": "user", "content": "hi [[tokens:3]]"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(service_url, key).chat.completions.create(
+            model="claude-haiku-4-5",
+            messages=messages,  # type: ignore[arg-type]
+            stop=["\n"],
+        )
+    assert refused.value.param == "stop" and refused.value.code == "invalid_request"
+    assert not sandbox.calls() and UsageRecord.objects.count() == 0
+    ok = client(service_url, key).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=messages,  # type: ignore[arg-type]
+        stop=["\n"],
+    )
+    assert ok.choices[0].message.content
+
+
+@pytest.mark.parametrize("model", ["claude-haiku-4-5", "gemini-2.5-flash"])
+def test_empty_turns_do_not_reach_providers_that_refuse_them(service_url, sandbox, make_user, model) -> None:
+    # OpenAI takes an empty message; Claude ("all messages must have non-empty content") and
+    # Gemini ("empty text parameter") refuse one: it carries no text, so it is left out.
+    _, key = make_user("premium")
+    completion = client(service_url, key).chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": [{"type": "text", "text": ""}]},
+            {"role": "user", "content": "Again [[tokens:3]]"},
+        ],
+    )
+    assert len((completion.choices[0].message.content or "").split()) == 3
+    assert UsageRecord.objects.get().status == "ok"
