@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
+from chat.pipeline import ChatRun
 from providers.sandbox.faults import reply_tokens
 from providers.tokens import count_text
 from tests.chat.clients import Received, sse_chat, ws_chat
@@ -38,6 +40,32 @@ def wait_for_record(timeout: float = 5.0) -> UsageRecord:
 def fast_failures(settings):
     settings.ENABLE_FALLBACK = False
     settings.MAX_RETRY_ATTEMPTS = 1
+
+
+async def started_run(make_user, message: str) -> tuple[Any, ChatRun]:
+    """A premium user's request, admitted through the pipeline and started, with no client reading
+    it yet (the tests below drive `ChatRun` directly). Returns the user and the run."""
+    from accounts.selectors import api_key_authenticate
+    from chat.pipeline import prepare
+    from chat.schemas import ChatRequest
+    from chatservice.db import db_async
+    from chatservice.request_ids import request_id_from
+
+    user, key = await db_async(make_user)("premium")
+    principal = await db_async(api_key_authenticate)(key)
+    assert principal is not None
+    prepared = await prepare(
+        principal=principal,
+        chat=ChatRequest(message=message, model="openai"),
+        transport="sse",
+        request_id=request_id_from(None),
+    )
+    return user, ChatRun(prepared).start()
+
+
+async def drained(run: ChatRun) -> list[object]:
+    """Every event the run still gives a reader, until its stream ends."""
+    return [event async for event in run.events()]
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -252,24 +280,9 @@ def test_disconnect_leaves_no_task_behind(service_url, service_server, sandbox, 
 
 async def test_a_client_that_stops_reading_is_dropped_and_billed_as_cancelled(sandbox, make_user, settings) -> None:
     """The buffer between upstream and client is bounded; a full buffer for too long ends the run."""
-    from accounts.selectors import api_key_authenticate
-    from chat.pipeline import ChatRun, prepare
-    from chat.schemas import ChatRequest
-    from chatservice.db import db_async
-    from chatservice.request_ids import request_id_from
-
     settings.STREAM_BUFFER_EVENTS = 4
     settings.SLOW_CLIENT_TIMEOUT_SECONDS = 0.3
-    _, key = await db_async(make_user)("premium")
-    principal = await db_async(api_key_authenticate)(key)
-    assert principal is not None
-    prepared = await prepare(
-        principal=principal,
-        chat=ChatRequest(message="x [[tokens:200]] [[slow:20]]", model="openai"),
-        transport="sse",
-        request_id=request_id_from(None),
-    )
-    run = ChatRun(prepared).start()
+    _, run = await started_run(make_user, "x [[tokens:200]] [[slow:20]]")
     await asyncio.wait_for(run.settled.wait(), timeout=5)  # nobody reads: it gives up on its own
     assert run._queue.qsize() <= 4
     record = run.record
@@ -286,32 +299,15 @@ async def test_a_client_dropped_as_slow_that_reads_again_sees_its_stream_end(san
     """After the slow-client drop the buffer is full, so the end of the stream must not need room:
     it was lost there, and a client that read again got the buffered events and then waited for
     good (an SSE response that never ended; on WebSocket, every later chat refused as in progress)."""
-    from accounts.selectors import api_key_authenticate
     from chat.events import Done, Failed
-    from chat.pipeline import ChatRun, prepare
-    from chat.schemas import ChatRequest
-    from chatservice.db import db_async
-    from chatservice.request_ids import request_id_from
 
     settings.STREAM_BUFFER_EVENTS = 4
     settings.SLOW_CLIENT_TIMEOUT_SECONDS = 0.3
-    _, key = await db_async(make_user)("premium")
-    principal = await db_async(api_key_authenticate)(key)
-    assert principal is not None
-    prepared = await prepare(
-        principal=principal,
-        chat=ChatRequest(message="x [[tokens:200]] [[slow:20]]", model="openai"),
-        transport="sse",
-        request_id=request_id_from(None),
-    )
-    run = ChatRun(prepared).start()
+    _, run = await started_run(make_user, "x [[tokens:200]] [[slow:20]]")
     await asyncio.wait_for(run.settled.wait(), timeout=5)  # nobody reads: it gives up on its own
     assert run.record is not None and run.record.error_code == "slow_client"
 
-    async def drain() -> list[object]:
-        return [event async for event in run.events()]
-
-    events = await asyncio.wait_for(drain(), timeout=5)  # ends, rather than waiting forever
+    events = await asyncio.wait_for(drained(run), timeout=5)  # ends, rather than waiting forever
     assert 1 <= len(events) <= 4
     assert not any(isinstance(event, Done | Failed) for event in events)  # cancelled: no terminal event
 
@@ -319,33 +315,16 @@ async def test_a_client_dropped_as_slow_that_reads_again_sees_its_stream_end(san
 async def test_a_terminal_event_that_finds_no_room_still_ends_the_stream(sandbox, make_user, settings) -> None:
     """The reply completed while the client was not reading: the terminal event waits for room up
     to the slow-client timeout and is then given up, but the stream still ends."""
-    from accounts.selectors import api_key_authenticate
     from chat.events import Started
-    from chat.pipeline import ChatRun, prepare
-    from chat.schemas import ChatRequest
-    from chatservice.db import db_async
-    from chatservice.request_ids import request_id_from
 
     settings.STREAM_BUFFER_EVENTS = 1  # the start event fills it; the reply has no tokens
     settings.SLOW_CLIENT_TIMEOUT_SECONDS = 0.3
-    _, key = await db_async(make_user)("premium")
-    principal = await db_async(api_key_authenticate)(key)
-    assert principal is not None
-    prepared = await prepare(
-        principal=principal,
-        chat=ChatRequest(message="x [[tokens:0]]", model="openai"),
-        transport="sse",
-        request_id=request_id_from(None),
-    )
-    run = ChatRun(prepared).start()
+    _, run = await started_run(make_user, "x [[tokens:0]]")
     await asyncio.wait_for(run.settled.wait(), timeout=5)
     assert run.record is not None and run.record.status == "ok"
     await asyncio.wait_for(run._task, timeout=5)  # type: ignore[arg-type]  # gave up on the terminal put
 
-    async def drain() -> list[object]:
-        return [event async for event in run.events()]
-
-    events = await asyncio.wait_for(drain(), timeout=5)  # ends, rather than waiting forever
+    events = await asyncio.wait_for(drained(run), timeout=5)  # ends, rather than waiting forever
     assert [type(event) for event in events] == [Started]
 
 
@@ -354,29 +333,13 @@ async def test_a_run_cancelled_before_its_producer_ran_is_settled(sandbox, make_
     cancels the run in the same loop turn that started it, before the producer task's first
     step. A task cancelled then never runs its body, so it must still settle (one cancelled
     record, the reservation returned) and end the event stream rather than leave it waiting."""
-    from accounts.selectors import api_key_authenticate
-    from chat.pipeline import ChatRun, prepare
-    from chat.schemas import ChatRequest
     from chatservice.db import db_async
-    from chatservice.request_ids import request_id_from
     from usage.models import DailyTokenUsage, TokenReservation
 
-    user, key = await db_async(make_user)("premium")
-    principal = await db_async(api_key_authenticate)(key)
-    assert principal is not None
-    prepared = await prepare(
-        principal=principal,
-        chat=ChatRequest(message="x [[tokens:5]]", model="openai"),
-        transport="sse",
-        request_id=request_id_from(None),
-    )
-    run = ChatRun(prepared).start()
+    user, run = await started_run(make_user, "x [[tokens:5]]")
     run.cancel("cancelled")  # as `disconnect_guard` does when the hang-up is already queued
 
-    async def drain() -> list[object]:
-        return [event async for event in run.events()]
-
-    events = await asyncio.wait_for(drain(), timeout=5)  # ends, rather than waiting forever
+    events = await asyncio.wait_for(drained(run), timeout=5)  # ends, rather than waiting forever
     await asyncio.wait_for(run.settled.wait(), timeout=5)
     assert events == []
     record = run.record
