@@ -116,9 +116,7 @@ async def prepare(
         message_tokens=await _message_tokens_bound(chat),
     )
     entry = selection.entry
-    _check_options(chat, entry)
-    if passthrough is not None:
-        _check_stop(passthrough.stop, entry)
+    _check_options(chat, entry, passthrough.stop if passthrough else ())
     max_tokens = chat.max_tokens or min(settings.MAX_TOKENS_DEFAULT, entry.max_output_tokens)
     system_prompt = chat.system_prompt if chat.system_prompt is not None else history.system_prompt
     if passthrough is not None:
@@ -165,6 +163,11 @@ async def prepare(
     )
 
 
+def _explicit_model(chat: ChatRequest) -> bool:
+    """The client named a model (or a provider): auto-selection, and what it weighs, is not consulted."""
+    return bool(chat.model and chat.model.strip())
+
+
 # No message has more tokens than 4 per character (its UTF-8 bytes); below this bound a message
 # fits every window auto-selection chooses among, so it need not be counted to choose.
 _UNCOUNTED_MESSAGE_TOKENS = 32_768
@@ -173,7 +176,7 @@ _UNCOUNTED_MESSAGE_TOKENS = 32_768
 async def _message_tokens_bound(chat: ChatRequest) -> int:
     """What auto-selection needs of the message's size: 0 for an explicit model (not consulted), an
     upper bound for a short message, the count for a long one (counted only when it can matter)."""
-    if chat.model and chat.model.strip():
+    if _explicit_model(chat):
         return 0
     bound = 4 * len(chat.message)
     if bound < _UNCOUNTED_MESSAGE_TOKENS:
@@ -184,7 +187,7 @@ async def _message_tokens_bound(chat: ChatRequest) -> int:
 async def _history_tokens(chat: ChatRequest, history: History) -> int:
     """The history's size for auto-selection (a long conversation prefers Claude); 0 for an explicit
     model, which does not consult it: the prompt builder counts what it keeps of the history anyway."""
-    if chat.model and chat.model.strip():
+    if _explicit_model(chat):
         return 0
     text = "".join(m.content for m in history.messages)
     return (await off_loop(len(text), count_text, text, "gpt-4o")).tokens if text else 0
@@ -194,18 +197,8 @@ def _default_temperature(entry: CatalogEntry) -> float:
     return min(settings.TEMPERATURE_DEFAULT, ANTHROPIC_MAX_TEMPERATURE if entry.provider == "claude" else 2.0)
 
 
-def _check_stop(stop: tuple[str, ...], entry: CatalogEntry) -> None:
-    """Anthropic refuses a stop sequence with no non-whitespace character (OpenAI and Gemini take "\\n")."""
-    if entry.provider == "claude" and any(not s.strip() for s in stop):
-        raise ServiceError(
-            "invalid_request",
-            f"stop sequences must contain a non-whitespace character for {entry.name}.",
-            status=400,
-            details={"fields": {"stop": "must contain a non-whitespace character for Claude models"}},
-        )
-
-
-def _check_options(chat: ChatRequest, entry: CatalogEntry) -> None:
+def _check_options(chat: ChatRequest, entry: CatalogEntry, stop: tuple[str, ...]) -> None:
+    """What the chosen model's provider would refuse, refused before admission with a 400 naming the field."""
     if chat.temperature is not None and entry.provider == "claude" and chat.temperature > ANTHROPIC_MAX_TEMPERATURE:
         raise ServiceError(
             "invalid_request",
@@ -219,6 +212,13 @@ def _check_options(chat: ChatRequest, entry: CatalogEntry) -> None:
             f"max_tokens must be at most {entry.max_output_tokens} for {entry.name}.",
             status=400,
             details={"fields": {"max_tokens": f"must be at most {entry.max_output_tokens}"}},
+        )
+    if entry.provider == "claude" and any(not s.strip() for s in stop):  # Anthropic refuses it; others take "\n"
+        raise ServiceError(
+            "invalid_request",
+            f"stop sequences must contain a non-whitespace character for {entry.name}.",
+            status=400,
+            details={"fields": {"stop": "must contain a non-whitespace character for Claude models"}},
         )
 
 
