@@ -25,7 +25,6 @@ def conversation_history(*, user_id: int, conversation_id: uuid.UUID) -> History
         raise not_found("conversation")
     rows = list(
         Message.objects.filter(conversation_id=conversation_id)
-        .exclude(content="")  # an empty reply carries nothing, and some providers refuse an empty turn
         .order_by("-id")
         .values_list("role", "content")[: settings.MAX_MESSAGES]
     )
