@@ -200,7 +200,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _cancel(self, content: dict[str, Any]) -> None:
         wanted = content.get("request_id")
         if self.running is None or (wanted is not None and wanted != self.running[0]):
-            await self._error(wanted, ServiceError("not_found", "No running chat with that request_id.", status=404))
+            await self._error(wanted, _no_running_chat())
             return
         echo_id, run, task = self.running
         run.cancel("cancelled")
@@ -211,7 +211,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if ended:
             # The chat finished before the cancel reached it: its done (or error) went out and is
             # its one terminal event; the cancel is answered as one for a chat no longer running.
-            await self._error(echo_id, ServiceError("not_found", "No running chat with that request_id.", status=404))
+            await self._error(echo_id, _no_running_chat())
             return
         await self._error(echo_id, ServiceError("cancelled", "The chat was cancelled.", status=499))
 
@@ -219,3 +219,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(
             ws_message(Failed(error), request_id if isinstance(request_id, str) else str(uuid.uuid4()))
         )
+
+
+def _no_running_chat() -> ServiceError:
+    """The answer to a cancel that finds no chat of that id running (never started, or ended)."""
+    return ServiceError("not_found", "No running chat with that request_id.", status=404)
