@@ -104,11 +104,7 @@ class BatchEndpoint:
                 except ServiceError as error:
                     return _item(index, error)
                 run = ChatRun(prepared)
-                runs.append(run)
-                if exchange.disconnected.is_set():
-                    # The client left while this item was being admitted, after the guard cancelled
-                    # the runs it knew of: cancelled before it starts, it settles as such.
-                    run.cancel()
+                add_run(run)  # cancelled at once if the client left while the item was admitted
                 result = await collect(run)
                 await run.wait_settled()
                 if isinstance(result, Done):
@@ -117,7 +113,7 @@ class BatchEndpoint:
                     return _item(index, result.error)
                 return _item(index, ServiceError("cancelled", "The request was cancelled.", status=499))
 
-        async with disconnect_guard(exchange, runs):
+        async with disconnect_guard(exchange, runs) as add_run:
             results = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
         if not exchange.disconnected.is_set():
             await exchange.send_json(200, {"results": results})

@@ -136,16 +136,23 @@ class Exchange:
 
 
 @contextlib.asynccontextmanager
-async def disconnect_guard(exchange: Exchange, runs: list[ChatRun]) -> AsyncIterator[None]:
-    """While the block runs, a client disconnect cancels every run in `runs` (read at that moment)."""
+async def disconnect_guard(exchange: Exchange, runs: list[ChatRun]) -> AsyncIterator[Callable[[ChatRun], None]]:
+    """While the block runs, a client disconnect cancels every run in `runs`. The block is given
+    `add(run)` for a run it starts later (a batch item admitted meanwhile): once the client is
+    gone, a run added is cancelled at once, before it starts."""
 
     def cancel_all() -> None:
         for run in runs:
             run.cancel("cancelled")
 
+    def add(run: ChatRun) -> None:
+        runs.append(run)
+        if exchange.disconnected.is_set():
+            run.cancel("cancelled")
+
     watcher = asyncio.create_task(exchange.watch_disconnect(cancel_all))
     try:
-        yield
+        yield add
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
