@@ -448,15 +448,18 @@ def _billable_usage(
     the text the provider produced, its input from the prompt, and the record says "estimated".
     The count is never more than the provider could have generated (the request's max_tokens,
     within the model's max output): another tokenizer's count of the text can be higher than
-    the provider's own. A request that produced nothing is billed nothing.
+    the provider's own. What the provider reported before the end (a running total that holds
+    output the text does not show, such as Gemini's thoughts) is billed when it is more.
+    A request that produced nothing is billed nothing.
     """
     if reported is not None and status == "ok":
         return reported
     if not reply or entry is None:
         return reported or Usage(0, 0, 0, source="provider")
     counted = min(count_text(reply, entry.upstream_model).tokens, max(1, min(max_tokens, entry.max_output_tokens)))
-    if reported is not None and reported.output_tokens >= counted:
-        return reported
+    if reported is not None:
+        output = max(counted, reported.output_tokens)
+        return Usage(reported.input_tokens, output, reported.cached_input_tokens, source="estimated")
     return Usage(input_tokens=prompt_tokens, output_tokens=counted, cached_input_tokens=0, source="estimated")
 
 

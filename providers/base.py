@@ -63,6 +63,9 @@ Event = Start | Delta | Usage | Finish
 class Provider(Protocol):
     """One LLM backend. `stream` yields Start, then Deltas, then Usage once, then Finish.
 
+    A provider whose output holds tokens the text does not show (Gemini's thoughts) may also
+    yield its running total along the way, marked estimated; the last Usage is the one that counts.
+
     Closing the generator early (aclose) must close the upstream HTTP response.
     Failures raise a `ProviderError` subclass, before or after some deltas.
     """

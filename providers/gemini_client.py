@@ -27,6 +27,7 @@ from providers.base import (
     ProviderUnavailable,
     Start,
     Usage,
+    UsageSource,
 )
 from providers.errors import from_status, from_transport
 
@@ -140,18 +141,19 @@ class GeminiProvider:
                             yield Delta(part.text)
                     if candidate.finish_reason is not None:
                         finish = _enum_name(candidate.finish_reason)
-                usage = chunk.usage_metadata or usage
+                if chunk.usage_metadata is not None:
+                    usage = chunk.usage_metadata
+                    if usage.thoughts_token_count and finish is None:
+                        # Thoughts are output the text does not show: their running total goes ahead,
+                        # so a stream cut or cancelled before its end is still billed for them.
+                        yield _usage(usage, source="estimated")
                 chunk = await anext(chunks, None)
             if finish is None:
                 raise ProviderConnectionError(self.name, "the stream ended without a finishReason")
             if finish in _POLICY_FINISHES and not produced_text:
                 raise ContentPolicyError(self.name, f"response blocked: {finish}")
             if usage is not None:
-                yield Usage(
-                    input_tokens=usage.prompt_token_count or 0,
-                    output_tokens=(usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0),
-                    cached_input_tokens=usage.cached_content_token_count or 0,
-                )
+                yield _usage(usage, source="provider")
             yield Finish(_finish_reason(finish))
         except ProviderError:
             raise
@@ -218,6 +220,16 @@ def _from_api_error(provider: str, exc: genai_errors.APIError, api_key: str) -> 
         if delay is not None:
             headers["retry-after"] = delay.group(1)
     return from_status(provider, code, message, headers)
+
+
+def _usage(metadata: types.GenerateContentResponseUsageMetadata, *, source: UsageSource) -> Usage:
+    """Gemini's usage (cumulative): thoughts are billed as output; cached content is part of the prompt."""
+    return Usage(
+        input_tokens=metadata.prompt_token_count or 0,
+        output_tokens=(metadata.candidates_token_count or 0) + (metadata.thoughts_token_count or 0),
+        cached_input_tokens=metadata.cached_content_token_count or 0,
+        source=source,
+    )
 
 
 def _redact(text: str, api_key: str) -> str:

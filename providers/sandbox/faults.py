@@ -12,6 +12,7 @@ Markers go in the last user message. Each may be limited to one provider with `@
 - `[[tokens:N]]`    reply with N tokens (default 12), capped by max_tokens.
 - `[[drop:K]]`      stream K chunks, then cut the connection.
 - `[[error-after:K]]` stream K chunks, then the provider's own in-stream error event.
+- `[[thoughts:N]]`  Gemini: N thinking tokens, reported as `thoughtsTokenCount` from the first chunk on.
 
 Example: `hello [[fail:503@openai]] [[tokens:3]]` fails on OpenAI and answers 3 tokens elsewhere.
 """
@@ -68,6 +69,7 @@ class Faults:
     tokens: int | None = None
     drop_after: int | None = None
     error_after: int | None = None
+    thoughts: int = 0
 
 
 def parse_faults(text: str, provider: str) -> Faults:
@@ -91,6 +93,8 @@ def parse_faults(text: str, provider: str) -> Faults:
             values["drop_after"] = int(arg)
         elif name == "error-after":
             values["error_after"] = int(arg)
+        elif name == "thoughts":
+            values["thoughts"] = int(arg)
     return Faults(**values)  # type: ignore[arg-type]
 
 

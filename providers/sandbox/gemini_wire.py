@@ -192,12 +192,16 @@ def _fault_response(call: _Call, faults: Faults, stream: bool) -> Response:
     return _error(status, rpc_status, message, details=details, headers=headers)
 
 
-def _usage(call: _Call, output_tokens: int | None) -> dict[str, Any]:
+def _usage(call: _Call, output_tokens: int | None, thoughts: int = 0) -> dict[str, Any]:
+    """usageMetadata, cumulative; a thinking model's thoughts came before its first chunk, and count as output."""
     prompt = count_prompt_tokens(call.texts)
-    usage: dict[str, Any] = {"promptTokenCount": prompt, "totalTokenCount": prompt + (output_tokens or 0)}
+    total = prompt + (output_tokens or 0) + thoughts
+    usage: dict[str, Any] = {"promptTokenCount": prompt, "totalTokenCount": total}
     if output_tokens is not None:
         usage["candidatesTokenCount"] = output_tokens
     usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": prompt}]
+    if thoughts:
+        usage["thoughtsTokenCount"] = thoughts
     return usage
 
 
@@ -257,8 +261,11 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 
 def _stream(state: SandboxState, call: _Call, faults: Faults, tokens: list[str], finish: str) -> Response:
-    content = [_sse(_envelope(call, [_candidate(t, None)], _usage(call, i + 1))) for i, t in enumerate(tokens)]
-    tail = [_sse(_envelope(call, [_candidate("", finish)], _usage(call, len(tokens))))]
+    thoughts = faults.thoughts
+    content = [
+        _sse(_envelope(call, [_candidate(t, None)], _usage(call, i + 1, thoughts))) for i, t in enumerate(tokens)
+    ]
+    tail = [_sse(_envelope(call, [_candidate("", finish)], _usage(call, len(tokens), thoughts)))]
 
     def error_frame() -> bytes:
         code, status, message = _FAULTS["503"]
@@ -313,7 +320,8 @@ def routes(state: SandboxState, provider: str = "gemini") -> list[BaseRoute]:
         if faults.error_after is not None:
             code, status, message = _FAULTS["503"]
             return _error(code, status, message)
-        return JSONResponse(_envelope(call, [_candidate("".join(tokens), finish)], _usage(call, len(tokens))))
+        usage = _usage(call, len(tokens), faults.thoughts)
+        return JSONResponse(_envelope(call, [_candidate("".join(tokens), finish)], usage))
 
     async def list_models(request: Request) -> Response:
         if (refused := _auth_error(_api_key(request))) is not None:

@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 
 from chat.pipeline import ChatRun
+from providers.base import Usage
+from providers.catalog import catalog_entries, resolve_model
+from providers.pricing import Prices, cost_of
 from providers.sandbox.faults import reply_tokens
 from providers.tokens import count_text
 from tests.chat.clients import Received, sse_chat, ws_chat
@@ -122,6 +125,34 @@ def test_upstream_cut_after_k_chunks(service_url, sandbox, make_user, fast_failu
     assert record.status == "partial" and record.usage_source == "estimated"
     assert record.output_tokens == count_text(got.text(), record.model).tokens > 0
     assert record.cost > 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_cut_thinking_stream_is_billed_for_its_thoughts(
+    service_url, sandbox, make_user, fast_failures, transport
+) -> None:
+    """Gemini's thoughts are output the provider bills but the text does not show: a cut stream is
+    billed for them (the running total Gemini reported), not only for the text counted."""
+    _, key = make_user("premium")
+    got = run_chat(
+        transport, service_url, key, {"message": "x [[tokens:8]] [[drop:3]] [[thoughts:300]]", "model": "gemini"}
+    )
+    assert got.shape() == ["start", "token+", "error"]
+    record = wait_for_record()
+    assert (record.status, record.usage_source) == ("partial", "estimated")
+    assert record.output_tokens >= 300 + 3
+    prices = Prices.of(resolve_model(catalog_entries(), "gemini"))
+    assert record.cost == cost_of(Usage(record.input_tokens, record.output_tokens), prices)
+
+
+def test_a_cancelled_thinking_stream_is_billed_for_its_thoughts(service_url, sandbox, make_user) -> None:
+    _, key = make_user("premium")
+    body = {"message": "x [[tokens:50]] [[slow:100]] [[thoughts:300]]", "model": "gemini"}
+    got = asyncio.run(ws_chat(service_url, key, body, cancel_after_tokens=2))
+    assert got.last()["error"]["code"] == "cancelled"
+    record = wait_for_record()
+    assert (record.status, record.usage_source) == ("cancelled", "estimated")
+    assert 300 + 2 <= record.output_tokens < 300 + 50
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

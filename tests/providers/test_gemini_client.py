@@ -282,6 +282,23 @@ async def test_a_dropped_stream_gives_k_deltas_then_a_connection_error(make_prov
     assert not any(isinstance(e, Usage | Finish) for e in events)
 
 
+async def test_thoughts_are_output_and_a_cut_stream_keeps_their_running_total(make_provider: MakeProvider) -> None:
+    """A thinking model's thoughts are billed as output; they are not in the text, so a stream cut
+    after some chunks reports the running total it had (marked estimated) before it fails."""
+    text = "think [[tokens:5]] [[thoughts:40]]"
+    events, error = await collect(make_provider(), ask(text))
+    assert error is None
+    assert events[-2] == Usage(input_tokens=count_prompt_tokens([text]), output_tokens=5 + 40)
+
+    cut = "think more [[tokens:10]] [[thoughts:40]] [[drop:3]]"
+    events, error = await collect(make_provider(), ask(cut))
+    assert isinstance(error, ProviderConnectionError)
+    assert deltas(events) == reply_tokens(cut, 10)[:3]
+    usages = [e for e in events if isinstance(e, Usage)]
+    assert usages[-1] == Usage(count_prompt_tokens([cut]), output_tokens=3 + 40, source="estimated")
+    assert not any(isinstance(e, Finish) for e in events)
+
+
 async def test_an_in_stream_error_gives_k_deltas_then_unavailable(
     make_provider: MakeProvider, sandbox: SandboxState
 ) -> None:
