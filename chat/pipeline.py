@@ -35,7 +35,7 @@ from providers.base import ChatMessage, Delta, Finish, ProviderError, Start, Usa
 from providers.catalog import CatalogEntry, acatalog_entries
 from providers.pricing import Prices, cost_of
 from providers.router import get_router
-from providers.routing_types import RouteRequest, RouteTrace, Selection
+from providers.routing_types import ANTHROPIC_MAX_TEMPERATURE, RouteRequest, RouteTrace, Selection
 from providers.selection import select_model
 from providers.tokens import count_text, off_loop
 from usage.admission import Admission, admit
@@ -45,8 +45,6 @@ from usage.services import ChatOutcome, usage_write
 
 logger = logging.getLogger("chat.pipeline")
 request_logger = logging.getLogger("chat.requests")
-
-ANTHROPIC_MAX_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)

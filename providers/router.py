@@ -171,9 +171,11 @@ class Router:
         return entry.enabled and not entry.maintenance and not await self.circuit.is_open(entry.provider)
 
     async def _next_provider(self, entries: tuple[CatalogEntry, ...], plan: _Plan) -> CatalogEntry | None:
-        """The next FALLBACK_ORDER provider not yet visited, allowed by the plan and healthy."""
+        """The next FALLBACK_ORDER provider not yet visited, allowed by the plan, taking the options, healthy."""
         for name in plan.cfg.fallback_order:
             if name in plan.visited_providers or name not in plan.request.allowed_providers:
+                continue
+            if not plan.request.fits(name):
                 continue
             entry = provider_default(entries, name)
             if entry is not None and await self._healthy(entry):
@@ -189,6 +191,7 @@ class Router:
             e
             for e in entries
             if e.provider in request.allowed_providers
+            and request.fits(e.provider)
             and e.name not in plan.visited_models
             and e.context_window > failed.context_window
             and e.context_window >= request.prompt_tokens + min(request.max_tokens, e.max_output_tokens)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from providers.base import ChatMessage
 from providers.catalog import CatalogEntry
 
+ANTHROPIC_MAX_TEMPERATURE = 1.0  # the Messages API takes 0..1; the others 0..2
+
 
 @dataclass(frozen=True, slots=True)
 class Selection:
@@ -28,6 +30,13 @@ class RouteRequest:
     priority: int  # the plan's priority in the saturated-provider lane (higher first)
     prompt_tokens: int  # counted, to find a larger-context fallback
     request_id: str = ""
+
+    def fits(self, provider: str) -> bool:
+        """Whether `provider` takes this request's options as they are (a fallback that would not is skipped)."""
+        if provider != "claude":
+            return True
+        temperature_ok = self.temperature is None or self.temperature <= ANTHROPIC_MAX_TEMPERATURE
+        return temperature_ok and all(s.strip() for s in self.stop)
 
 
 @dataclass

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from django.test import override_settings
@@ -677,3 +679,23 @@ async def test_the_silence_watch_fires_at_the_latest_budget_even_a_shorter_one()
 async def test_the_silence_watch_leaves_a_cancellation_from_outside_as_it_is() -> None:
     verdict, _ = await asyncio.create_task(_wait_under([0], cancelled_from_outside=True))
     assert verdict == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "options", [{"temperature": 1.5}, {"stop": ("\n",)}], ids=["temperature-above-claude-max", "whitespace-stop"]
+)
+async def test_sandbox_fallback_skips_a_provider_that_refuses_the_requests_options(
+    live: SandboxState, options: dict[str, Any]
+) -> None:
+    """Valid for OpenAI, refused by Claude (temperature 0..1, a stop with no visible character):
+    falling back to Claude would turn the client's valid request into a 400; the next one serves it."""
+    trace = RouteTrace()
+    request = dataclasses.replace(
+        route_request(await entry("gpt-4o-mini"), text="x [[fail:503@openai]] [[tokens:3]]"), **options
+    )
+
+    events = await collect(Router(), request, trace)
+
+    assert events[0] == Start("deepseek", "deepseek-chat")
+    assert chat_calls(live, "claude") == []
+    assert trace.fallback_path == ["openai"]
