@@ -182,6 +182,10 @@ class Router:
                 return entry
         return None
 
+    async def _can_fall_back(self, plan: _Plan) -> bool:
+        """Whether a failure now would go on to another provider (fallback on, one left to try)."""
+        return plan.cfg.enable_fallback and await self._next_provider(await self._catalog(), plan) is not None
+
     async def _larger_context(
         self, entries: tuple[CatalogEntry, ...], plan: _Plan, failed: CatalogEntry
     ) -> CatalogEntry | None:
@@ -245,9 +249,15 @@ class Router:
                 if plan.trace.delivered or attempt == cfg.max_attempts:
                     raise
                 last_error = exc
-                wait = exc.retry_after if exc.retry_after is not None else cfg.retry_delay * 2 ** (attempt - 1)
+                backoff = cfg.retry_delay * 2 ** (attempt - 1)
+                wait = exc.retry_after if exc.retry_after is not None else backoff
                 if wait >= plan.deadline - self._clock():
                     logger.info("%s: a %.1f s wait does not fit the deadline; moving on", entry.provider, wait)
+                    raise
+                if wait > backoff and await self._can_fall_back(plan):
+                    # Honouring Retry-After means not calling this provider sooner; it does not mean
+                    # keeping the user waiting while another provider could answer now.
+                    logger.info("%s asks for %.1f s; falling back rather than waiting", entry.provider, wait)
                     raise
                 logger.info("%s attempt %d failed (%s); retrying in %.2f s", entry.provider, attempt, exc, wait)
                 await self._sleep(wait)

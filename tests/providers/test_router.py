@@ -162,17 +162,58 @@ async def test_backoff_is_exponential(scripted: dict[str, ScriptedProvider]) -> 
     assert calls(scripted) == {"openai": 4, "claude": 1}
 
 
-async def test_retry_waits_what_retry_after_said(scripted: dict[str, ScriptedProvider]) -> None:
+@pytest.mark.parametrize("no_fallback", ["fallback-off", "no-other-provider"])
+async def test_retry_waits_what_retry_after_said(scripted: dict[str, ScriptedProvider], no_fallback: str) -> None:
     scripted["openai"].push(fail(RateLimited, status=429, retry_after=0.6))
     trace = RouteTrace()
+    allowed = {"openai"} if no_fallback == "no-other-provider" else {"openai", "claude", "deepseek", "gemini"}
 
     started = time.monotonic()
-    events = await collect(Router(), route_request(await entry("gpt-4o-mini")), trace)
+    with override_settings(ENABLE_FALLBACK=no_fallback != "fallback-off"):
+        events = await collect(Router(), route_request(await entry("gpt-4o-mini"), allowed=allowed), trace)
     elapsed = time.monotonic() - started
 
     assert events[0] == Start("openai", "gpt-4o-mini")
     assert trace.attempts == 2
     assert 0.6 <= elapsed < 3.0
+
+
+async def test_retry_after_longer_than_the_backoff_falls_back_instead_of_waiting(
+    scripted: dict[str, ScriptedProvider],
+) -> None:
+    # A provider that asks for 10 s (within the deadline) while another could answer now: the
+    # user does not wait 10 s.
+    scripted["openai"].push(fail(RateLimited, status=429, retry_after=10))
+    trace = RouteTrace()
+    waits: list[float] = []
+
+    async def record_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    with override_settings(RETRY_DELAY_SECONDS=1.0):
+        events = await collect(Router(sleep=record_sleep), route_request(await entry("gpt-4o-mini")), trace)
+
+    assert events[0] == Start("claude", "claude-haiku-4-5")
+    assert waits == []
+    assert calls(scripted) == {"openai": 1, "claude": 1}
+    assert trace.fallback_path == ["openai"]
+
+
+async def test_retry_after_within_the_backoff_is_waited_on_the_same_provider(
+    scripted: dict[str, ScriptedProvider],
+) -> None:
+    scripted["openai"].push(fail(RateLimited, status=429, retry_after=0.5))
+    waits: list[float] = []
+
+    async def record_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    with override_settings(RETRY_DELAY_SECONDS=1.0):
+        events = await collect(Router(sleep=record_sleep), route_request(await entry("gpt-4o-mini")))
+
+    assert events[0] == Start("openai", "gpt-4o-mini")
+    assert waits == [0.5]
+    assert calls(scripted) == {"openai": 2}
 
 
 async def test_retry_after_beyond_the_deadline_moves_on_to_fallback(scripted: dict[str, ScriptedProvider]) -> None:
@@ -550,9 +591,10 @@ async def test_sandbox_retryable_faults_retry_then_fall_back(live: SandboxState,
 async def test_sandbox_retry_after_is_honoured(live: SandboxState) -> None:
     trace = RouteTrace()
     started = time.monotonic()
-    events = await collect(
-        Router(), route_request(await entry("deepseek-chat"), text="hi [[fail:429*1]] [[retry-after:1]]"), trace
-    )
+    with override_settings(ENABLE_FALLBACK=False):
+        events = await collect(
+            Router(), route_request(await entry("deepseek-chat"), text="hi [[fail:429*1]] [[retry-after:1]]"), trace
+        )
     elapsed = time.monotonic() - started
 
     assert events[0] == Start("deepseek", "deepseek-chat")
