@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -140,12 +141,17 @@ async def _usage_write_once(outcome: ChatOutcome) -> UsageRecord:
                 extra={"request_id": str(outcome.request_id)},
             )
             return await _usage_write_once(fresh)
-    # A row the write refers to was deleted while the reply was generated (the conversation, or
-    # the API key by an operator): the usage is still owed, so it is recorded without them.
+    # A row the write refers to was deleted while the reply was generated (the conversation by its
+    # user, or the API key by an operator): the usage is still owed, so it is recorded without the
+    # exchange, and without the key only when that is what is gone (a deleted conversation must
+    # not cost the record its key).
     logger.warning(
         "the conversation or the API key of the request is gone; the usage is recorded without them",
         extra={"request_id": str(outcome.request_id)},
     )
+    if outcome.api_key_id is not None:
+        with contextlib.suppress(IntegrityError):
+            return await usage_asettle(outcome=outcome, keep_exchange=False)
     return await usage_asettle(outcome=dataclasses.replace(outcome, api_key_id=None), keep_exchange=False)
 
 

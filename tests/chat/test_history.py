@@ -5,6 +5,7 @@ and another user's conversations answered 404 in the JSON error shape."""
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from accounts.models import ApiKey
 from chat.models import Conversation, Message
 from usage.models import UsageRecord
 
@@ -120,6 +122,35 @@ def test_delete_removes_the_conversation_and_keeps_the_ledger(service_url, sandb
     assert again.status_code == 404 and again.json()["error"]["code"] == "not_found"
     assert httpx.delete(f"{service_url}/history/{conversation_id}", headers=auth(key)).status_code == 404
     assert httpx.get(f"{service_url}/history", headers=auth(key)).json()["results"] == []
+
+
+def test_deleting_a_conversation_while_its_reply_streams_keeps_the_whole_ledger_row(
+    service_url, sandbox, make_user
+) -> None:
+    """The DELETE wins; the stream still ends with done and its record is written in full, its API
+    key included: only the exchange is not kept, since the conversation it belonged to is gone."""
+    user, key = make_user("premium")
+    conversation_id = chat(service_url, key, {"message": "first", "model": "deepseek"})["conversation_id"]
+    body = {"message": "second [[tokens:6]] [[slow:150]]", "model": "openai", "conversation_id": conversation_id}
+    events: list[tuple[str, dict[str, Any]]] = []
+    with httpx.stream("POST", f"{service_url}/chat/stream", json=body, headers=auth(key), timeout=30) as stream:
+        name = ""
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+                if name == "start":
+                    deleted = httpx.delete(f"{service_url}/history/{conversation_id}", headers=auth(key))
+                    assert deleted.status_code == 204, deleted.text
+
+    assert events[-1][0] == "done", events
+    record = UsageRecord.objects.get(request_id=events[-1][1]["request_id"])
+    assert record.api_key_id == ApiKey.objects.get(user=user).pk
+    assert (record.status, record.output_tokens, str(record.conversation_id)) == ("ok", 6, conversation_id)
+    assert record.cost > 0
+    assert not Conversation.objects.filter(id=conversation_id).exists()
+    assert not Message.objects.filter(conversation_id=conversation_id).exists()
 
 
 def test_an_empty_reply_keeps_the_conversation_its_response_names(service_url, sandbox, make_user) -> None:
