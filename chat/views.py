@@ -14,6 +14,7 @@ from rest_framework.request import Request
 from accounts.principal import Principal
 from chat.models import Conversation
 from chat.serializers import ConversationDetailSerializer, ConversationSerializer
+from chat.services import conversation_delete
 from chatservice.errors import not_found
 
 
@@ -78,3 +79,6 @@ class ConversationDetail(generics.RetrieveDestroyAPIView):
         if conversation is None:
             raise not_found("conversation")
         return conversation
+
+    def perform_destroy(self, instance: Conversation) -> None:
+        conversation_delete(conversation=instance)

@@ -5,14 +5,19 @@ and another user's conversations answered 404 in the JSON error shape."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
+from django.db import connection
 
 from accounts.models import ApiKey
 from chat.models import Conversation, Message
@@ -151,6 +156,71 @@ def test_deleting_a_conversation_while_its_reply_streams_keeps_the_whole_ledger_
     assert record.cost > 0
     assert not Conversation.objects.filter(id=conversation_id).exists()
     assert not Message.objects.filter(conversation_id=conversation_id).exists()
+
+
+PAUSE_LOCK = 4242  # an advisory lock the test holds to stop a DELETE between its two statements
+
+
+@contextlib.contextmanager
+def deletes_of_messages_paused() -> Iterator[None]:
+    """Every DELETE of messages waits, after deleting them and in its transaction, until the block
+    ends: the moment between a conversation's messages and the conversation itself going."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION test_pause() RETURNS trigger LANGUAGE plpgsql AS"
+            f" $$ BEGIN PERFORM pg_advisory_xact_lock_shared({PAUSE_LOCK}); RETURN NULL; END $$"
+        )
+        cursor.execute(
+            "CREATE TRIGGER test_pause AFTER DELETE ON chat_message FOR EACH STATEMENT EXECUTE FUNCTION test_pause()"
+        )
+        cursor.execute("SELECT pg_advisory_lock(%s)", [PAUSE_LOCK])
+        try:
+            yield
+        finally:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [PAUSE_LOCK])
+            cursor.execute("DROP TRIGGER test_pause ON chat_message")
+            cursor.execute("DROP FUNCTION test_pause()")
+
+
+def lock_waits(advisory: bool) -> int:
+    """Sessions of this test database waiting for an advisory lock, or for any other lock."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND (wait_event = 'advisory') = %s",
+            [advisory],
+        )
+        return cursor.fetchone()[0]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_reply_settling_while_its_conversation_is_deleted_neither_fails_the_delete_nor_is_lost(
+    service_url, sandbox, make_user
+) -> None:
+    """A reply whose ledger write lands after the DELETE removed the messages but before it removed
+    the conversation: the DELETE is still a 204 and leaves nothing behind, the reply still a 200
+    with its usage recorded."""
+    user, key = make_user("premium")
+    conversation_id = chat(service_url, key, {"message": "first", "model": "deepseek"})["conversation_id"]
+    body = {"message": "second [[tokens:3]]", "model": "openai", "conversation_id": conversation_id}
+    with ThreadPoolExecutor(2) as pool, deletes_of_messages_paused():
+        deleted = pool.submit(httpx.delete, f"{service_url}/history/{conversation_id}", headers=auth(key), timeout=30)
+        wait_until(lambda: lock_waits(advisory=True) == 1)  # the messages are deleted, the conversation not yet
+        answered = pool.submit(httpx.post, f"{service_url}/chat", json=body, headers=auth(key), timeout=30)
+        wait_until(lambda: answered.done() or lock_waits(advisory=False) > 0)
+    assert deleted.result().status_code == 204, deleted.result().text
+    assert answered.result().status_code == 200, answered.result().text
+    assert not Conversation.objects.filter(id=conversation_id).exists()
+    assert not Message.objects.filter(conversation_id=conversation_id).exists()
+    record = UsageRecord.objects.get(request_id=answered.result().json()["request_id"])
+    assert (record.status, record.output_tokens) == ("ok", 3)
+    assert record.api_key_id == ApiKey.objects.get(user=user).pk
 
 
 def test_an_empty_reply_keeps_the_conversation_its_response_names(service_url, sandbox, make_user) -> None:
