@@ -92,19 +92,24 @@ def parse_chat_request(body: bytes | str | dict[str, Any]) -> ChatRequest:
         raise validation_error(exc) from None
 
 
+def parse_conversation_id(value: str) -> uuid.UUID:
+    """A conversation id as a client sends it (in any case); 400 naming the field when it is no UUID."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ServiceError(
+            "invalid_request",
+            "Invalid request: conversation_id: must be a UUID",
+            status=400,
+            details={"fields": {"conversation_id": "must be a UUID"}},
+        ) from None
+
+
 def _validate_object(data: dict[str, Any]) -> ChatRequest:
     # Objects decoded from JSON: the same strictness as the JSON path, with UUIDs as strings.
     conversation = data.get("conversation_id")
     if isinstance(conversation, str):
-        try:
-            data = {**data, "conversation_id": uuid.UUID(conversation)}
-        except ValueError:
-            raise ServiceError(
-                "invalid_request",
-                "Invalid request: conversation_id: must be a UUID",
-                status=400,
-                details={"fields": {"conversation_id": "must be a UUID"}},
-            ) from None
+        data = {**data, "conversation_id": parse_conversation_id(conversation)}
     return ChatRequest.model_validate(data)
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 from django.core.exceptions import ValidationError
 from django.db.models import Count, QuerySet
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import generics
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import Cursor, CursorPagination
@@ -13,6 +13,7 @@ from rest_framework.request import Request
 
 from accounts.principal import Principal
 from chat.models import Conversation
+from chat.schemas import parse_conversation_id
 from chat.serializers import ConversationDetailSerializer, ConversationSerializer
 from chat.services import conversation_delete
 from chatservice.errors import not_found
@@ -53,6 +54,12 @@ class ConversationList(generics.ListAPIView):
         return Conversation.objects.filter(user_id=_caller(self.request)).annotate(message_count=Count("messages"))
 
 
+_CONVERSATION_ID = OpenApiParameter("conversation_id", OpenApiTypes.UUID, OpenApiParameter.PATH)
+
+
+@extend_schema_view(
+    get=extend_schema(parameters=[_CONVERSATION_ID]), delete=extend_schema(parameters=[_CONVERSATION_ID])
+)
 class ConversationDetail(generics.RetrieveDestroyAPIView):
     """One conversation with its messages (model, tokens and cost of each reply); DELETE removes it.
 
@@ -71,10 +78,7 @@ class ConversationDetail(generics.RetrieveDestroyAPIView):
         return conversations.annotate(message_count=Count("messages")).prefetch_related("messages")
 
     def get_object(self) -> Conversation:
-        try:
-            conversation_id = uuid.UUID(str(self.kwargs[self.lookup_url_kwarg]))
-        except ValueError:
-            raise not_found("conversation") from None
+        conversation_id = parse_conversation_id(self.kwargs[self.lookup_url_kwarg])
         conversation = self.get_queryset().filter(id=conversation_id).first()
         if conversation is None:
             raise not_found("conversation")

@@ -21,7 +21,9 @@ urlpatterns = [
     path("models/<path:model>/status", model_status_view, name="model-status"),
     path("usage", UsageView.as_view(), name="usage"),
     path("history", ConversationList.as_view(), name="history"),
-    path("history/<uuid:conversation_id>", ConversationDetail.as_view(), name="conversation"),
+    # <str:>, not <uuid:>: Django's uuid converter matches lower case only, and a UUID in upper
+    # case names the same conversation; the view parses it (400 when it is no UUID).
+    path("history/<str:conversation_id>", ConversationDetail.as_view(), name="conversation"),
     path("schema/", SpectacularAPIView.as_view(permission_classes=[], authentication_classes=[]), name="schema"),
     path(
         "docs/",

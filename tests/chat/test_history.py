@@ -260,6 +260,29 @@ def test_another_users_conversation_is_404_like_a_missing_one(service_url, make_
     assert Conversation.objects.filter(id=conversation.id).exists()
 
 
+def test_a_conversation_id_is_read_in_any_case_and_a_malformed_one_is_400(service_url, make_user) -> None:
+    """A UUID's hex digits are case-insensitive: the id a client sends in upper case (Swift's
+    `uuidString`, as chat accepts it) names the same conversation; one that is no UUID is a 400."""
+    user, key = make_user("premium")
+    [conversation] = make_conversations(user, 1)
+    upper = str(conversation.id).upper()
+    response = httpx.get(f"{service_url}/history/{upper}", headers=auth(key))
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == str(conversation.id)
+    for method in ("GET", "DELETE"):
+        response = httpx.request(method, f"{service_url}/history/not-a-uuid", headers=auth(key))
+        assert response.status_code == 400, response.text
+        assert response.json() == {
+            "error": {
+                "code": "invalid_request",
+                "message": "Invalid request: conversation_id: must be a UUID",
+                "details": {"fields": {"conversation_id": "must be a UUID"}},
+            }
+        }
+    assert httpx.delete(f"{service_url}/history/{upper}", headers=auth(key)).status_code == 204
+    assert not Conversation.objects.filter(id=conversation.id).exists()
+
+
 def test_history_needs_a_key(service_url) -> None:
     response = httpx.get(f"{service_url}/history")
     assert response.status_code == 401 and response.json()["error"]["code"] == "unauthenticated"

@@ -225,7 +225,7 @@ MATRIX: dict[str, Callable[[World], None]] = {
     "models/<path:model>/status": keyed_get("/models/gpt-4o-mini/status"),
     "usage": check_usage,
     "history": check_history,
-    "history/<uuid:conversation_id>": check_conversation,
+    "history/<str:conversation_id>": check_conversation,
     "schema/": public("/schema/"),
     "docs/": public("/docs/"),
     "chat": chat_post("/chat"),

@@ -283,7 +283,7 @@ def test_v1_context_window_in_openai_shape(service_url: str, key: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "status"),
     [
-        ("GET", "/history/not-a-uuid", 404),  # no route matches: Django's own 404
+        ("GET", "/history/not/a-uuid", 404),  # no route matches: Django's own 404
         ("GET", "/no/such/route", 404),
         ("POST", "/health", 405),  # function views: the CSRF middleware must not answer first
         ("POST", "/metrics", 405),
