@@ -153,6 +153,13 @@ class ChatCompletions:
         try:
             principal = await exchange.caller("POST")
             request, chat, passthrough = _parse(await exchange.read_body())
+            if request.stream and not settings.ENABLE_STREAMING:
+                raise ServiceError(
+                    "streaming_disabled",
+                    "Streaming is disabled on this service.",
+                    status=400,
+                    details={"fields": {"stream": "streaming is disabled"}},
+                )
             prepared = await prepare(
                 principal=principal,
                 chat=chat,

@@ -272,3 +272,16 @@ def test_empty_turns_do_not_reach_providers_that_refuse_them(service_url, sandbo
     )
     assert len((completion.choices[0].message.content or "").split()) == 3
     assert UsageRecord.objects.get().status == "ok"
+
+
+def test_streaming_disabled_refuses_a_v1_stream(service_url, sandbox, make_user, settings) -> None:
+    # ENABLE_STREAMING=false holds on every transport: /v1 too, before admission.
+    settings.ENABLE_STREAMING = False
+    _, key = make_user("premium")
+    sdk = client(service_url, key)
+    with pytest.raises(openai.BadRequestError) as refused:
+        list(sdk.chat.completions.create(model="openai", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert refused.value.code == "streaming_disabled" and refused.value.param == "stream"
+    assert not sandbox.calls() and UsageRecord.objects.count() == 0
+    ok = sdk.chat.completions.create(model="openai", messages=[{"role": "user", "content": "hi [[tokens:2]]"}])
+    assert ok.choices[0].finish_reason == "stop" and UsageRecord.objects.count() == 1
