@@ -112,6 +112,13 @@ def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
             status=400,
             details={"fields": {"messages": "must include a user message"}},
         )
+    if request.max_tokens is not None and request.max_completion_tokens is not None:  # OpenAI refuses both
+        raise ServiceError(
+            "invalid_request",
+            "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.",
+            status=400,
+            details={"fields": {"max_tokens": "not with max_completion_tokens"}},
+        )
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if len(stop) > MAX_STOP_SEQUENCES:  # OpenAI's limit ("Up to 4 sequences"); Gemini's is 5
         raise ServiceError(

@@ -285,3 +285,20 @@ def test_streaming_disabled_refuses_a_v1_stream(service_url, sandbox, make_user,
     assert not sandbox.calls() and UsageRecord.objects.count() == 0
     ok = sdk.chat.completions.create(model="openai", messages=[{"role": "user", "content": "hi [[tokens:2]]"}])
     assert ok.choices[0].finish_reason == "stop" and UsageRecord.objects.count() == 1
+
+
+def test_max_tokens_and_max_completion_tokens_together_are_refused(service_url, sandbox, make_user) -> None:
+    # As OpenAI answers: one of them would be silently ignored.
+    _, key = make_user("premium")
+    sdk = client(service_url, key)
+    messages = [{"role": "user", "content": "hi [[tokens:9]]"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model="openai", messages=messages, max_tokens=2, max_completion_tokens=4)  # type: ignore[arg-type]
+    assert refused.value.param == "max_tokens" and "max_completion_tokens" in refused.value.message
+    assert not sandbox.calls() and UsageRecord.objects.count() == 0
+    by_max_tokens = sdk.chat.completions.create(model="openai", messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    by_completion = sdk.chat.completions.create(model="openai", messages=messages, max_completion_tokens=2)  # type: ignore[arg-type]
+    for capped in (by_max_tokens, by_completion):
+        assert capped.choices[0].finish_reason == "length" and capped.usage is not None
+        assert capped.usage.completion_tokens == 2
+
