@@ -112,6 +112,13 @@ def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
             status=400,
             details={"fields": {"messages": "must include a user message"}},
         )
+    if request.stream_options is not None and not request.stream:  # OpenAI refuses it too
+        raise ServiceError(
+            "invalid_request",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            status=400,
+            details={"fields": {"stream_options": "only with stream"}},
+        )
     if request.max_tokens is not None and request.max_completion_tokens is not None:  # OpenAI refuses both
         raise ServiceError(
             "invalid_request",

@@ -302,3 +302,30 @@ def test_max_tokens_and_max_completion_tokens_together_are_refused(service_url, 
         assert capped.choices[0].finish_reason == "length" and capped.usage is not None
         assert capped.usage.completion_tokens == 2
 
+
+@pytest.mark.parametrize("option", [{"temperature": 1.5}, {"stop": ["\n"]}], ids=["temperature", "stop"])
+def test_fallback_passes_over_claude_when_it_would_refuse_the_options(service_url, sandbox, make_user, option) -> None:
+    # Valid for gpt-4o-mini, refused by Anthropic (temperature over 1, a whitespace-only stop): when
+    # OpenAI fails, Claude (next in FALLBACK_ORDER) is passed over, not asked and the request failed.
+    _, key = make_user("premium")
+    completion = client(service_url, key).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi [[fail:503@openai]] [[tokens:3]]"}],
+        **option,
+    )
+    assert completion.model == "deepseek-chat" and completion.choices[0].finish_reason == "stop"
+    assert not sandbox.calls("claude")
+    record = UsageRecord.objects.get()
+    assert record.status == "ok" and record.provider == "deepseek" and record.fallback_path == ["openai"]
+
+
+def test_stream_options_without_stream_is_refused(service_url, sandbox, make_user) -> None:
+    # As OpenAI answers ("only allowed when 'stream' is enabled"), before admission.
+    _, key = make_user("premium")
+    sdk = client(service_url, key)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(
+            model="openai", messages=[{"role": "user", "content": "hi"}], stream_options={"include_usage": True}
+        )
+    assert refused.value.param == "stream_options" and refused.value.code == "invalid_request"
+    assert not sandbox.calls() and UsageRecord.objects.count() == 0
