@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
-# Query-string keys (Gemini's ?key=...) and bearer tokens, wherever they show up.
+# Query-string keys (Gemini's ?key=...), bearer tokens and a URL's password (user:password@host).
 _SECRET_PATTERNS = [
+    re.compile(r"(?i)([a-z][a-z0-9+.\-]*://[^/\s:@]*:)[^/\s@]+(?=@)"),
     re.compile(r"(?i)([?&]key=)[^&\s\"']+"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]{8,}"),
     re.compile(r"(?i)(x-(?:goog-)?api-key['\"]?\s*[:=]\s*['\"]?)[^\s'\",}]+"),

@@ -190,6 +190,24 @@ def test_checkproviders_probes_each_provider_and_records_it(scripted: dict[str, 
     assert check is not None and not check.ok
 
 
+def test_checkproviders_never_prints_a_credential(scripted: dict[str, ScriptedProvider], settings: Any) -> None:
+    """Its output goes to the container's log every minute: a key in a base URL (Gemini's ?key=,
+    a proxy's user:password@) or in an SDK error that quotes the URL is redacted there too."""
+    gemini_key, proxy_password = "AIzaSy-probe-canary-51be0d7a93c4", "probe-proxy-pass-7f3a9c2e"
+    settings.GEMINI_API_KEY = gemini_key
+    settings.GEMINI_BASE_URL = f"https://proxy.example/gemini?key={gemini_key}"
+    settings.OPENAI_API_KEY = "sk-probe-canary-c08e6f12ab57"
+    settings.OPENAI_BASE_URL = f"https://gateway:{proxy_password}@proxy.example/v1"
+    scripted["gemini"].list_error = ProviderUnavailable("gemini", f"refused: {settings.GEMINI_BASE_URL}", status=503)
+    out = io.StringIO()
+
+    call_command("checkproviders", "gemini", "openai", stdout=out)
+
+    text = out.getvalue()
+    assert "proxy.example" in text and "[REDACTED]" in text
+    assert gemini_key not in text and proxy_password not in text
+
+
 def test_a_successful_call_after_a_failed_probe_brings_the_model_back(scripted: dict[str, ScriptedProvider]) -> None:
     scripted["gemini"].list_error = ProviderUnavailable("gemini", "flaky", status=503)
     call_command("checkproviders", "gemini", stdout=io.StringIO())

@@ -9,6 +9,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from chatservice.logging import redact
 from providers.catalog import PROVIDERS
 from providers.registry import provider_config, registry
 from providers.status import StatusStore, get_status_store
@@ -29,7 +30,7 @@ async def probe_provider(name: str, *, limit: float, store: StatusStore) -> Prob
     """List the provider's models (costs nothing) and record the outcome in the status store."""
     try:
         config = provider_config(name)
-        where = f"{config.base_url}{' (sandbox)' if config.sandboxed else ''}"
+        where = redact(f"{config.base_url}{' (sandbox)' if config.sandboxed else ''}")
     except (KeyError, AttributeError) as exc:
         where = f"unconfigured ({exc})"
     started = time.monotonic()
@@ -37,7 +38,7 @@ async def probe_provider(name: str, *, limit: float, store: StatusStore) -> Prob
         async with asyncio.timeout(limit):
             models = await registry.get(name).list_models()
     except Exception as exc:  # any failure means offline; the line printed says which
-        ok, detail = False, f"{type(exc).__name__}: {exc}"[:200]
+        ok, detail = False, redact(f"{type(exc).__name__}: {exc}")[:200]  # redacted whole, then cut
     else:
         ok, detail = True, f"{len(models)} model{'' if len(models) == 1 else 's'}"
     latency = time.monotonic() - started
