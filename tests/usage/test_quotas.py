@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from io import StringIO
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -145,6 +150,27 @@ def test_reap_command_prints_how_many(user_id: int, settings: object) -> None:
     call_command("reapreservations", stdout=out)
     assert out.getvalue().strip() == "Reaped 2 expired reservation(s)."
     assert _row(user_id, past) == (0, 0)
+
+
+def test_reap_command_without_a_database_fails_cleanly() -> None:
+    """The reaper runs every five minutes (docker-compose): a database that is down is one line
+    saying so and a non-zero exit, not a traceback in the log each time."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": f"postgres://postgres@127.0.0.1:{closed}/nowhere"}
+    done = subprocess.run(
+        [sys.executable, "manage.py", "reapreservations"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "database" in done.stderr and str(closed) in done.stderr
 
 
 def test_reserve_reaps_the_users_expired_reservations_first(user_id: int, settings: object) -> None:
