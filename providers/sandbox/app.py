@@ -12,10 +12,13 @@ from starlette.routing import Mount
 from providers.sandbox import anthropic_wire, gemini_wire, openai_wire
 from providers.sandbox.faults import SandboxState
 
+# What a sandbox built without a state (the one the service mounts) keeps of what it served.
+MOUNTED_MAX_RECORDS = 1000
+
 
 def create_sandbox_app(state: SandboxState | None = None) -> Starlette:
-    """Build the sandbox; `state` records what it saw (a fresh one when omitted)."""
-    state = state or SandboxState()
+    """Build the sandbox; `state` records what it saw (a fresh, bounded one when omitted)."""
+    state = state or SandboxState(max_records=MOUNTED_MAX_RECORDS)
     app = Starlette(
         routes=[
             Mount("/openai", routes=openai_wire.routes(state, provider="openai")),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 DEFAULT_REPLY_TOKENS = 12
@@ -123,14 +124,22 @@ class RequestLog:
 
 @dataclass
 class SandboxState:
-    """What the sandbox saw; shared with the tests that run it (thread-safe)."""
+    """What the sandbox saw; shared with the tests that run it (thread-safe).
 
-    requests: list[RequestLog] = field(default_factory=list)
+    `max_records` bounds what is kept (the latest requests, the latest `[[fail:CODE*N]]` counts):
+    a sandbox mounted in the service is never read and would otherwise grow with every request.
+    """
+
+    max_records: int | None = None
+    requests: deque[RequestLog] = field(init=False)
     active_streams: int = 0
     completed_streams: int = 0
     aborted_streams: int = 0  # the client went away before the stream ended
     _fail_counts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.requests = deque(maxlen=self.max_records)
 
     def log(self, entry: RequestLog) -> None:
         with self._lock:
@@ -146,6 +155,8 @@ class SandboxState:
         with self._lock:
             seen = self._fail_counts.get(key, 0)
             self._fail_counts[key] = seen + 1
+            if self.max_records is not None and len(self._fail_counts) > self.max_records:
+                del self._fail_counts[next(iter(self._fail_counts))]  # the oldest message
         return seen < faults.fail_times
 
     def stream_opened(self) -> None:
