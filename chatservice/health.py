@@ -26,6 +26,12 @@ def health(request: HttpRequest) -> JsonResponse:
     )
 
 
+def json_bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """Django's 400 (a Host outside ALLOWED_HOSTS, too many query or form fields) in the one JSON error shape."""
+    error = ServiceError("invalid_request", "The request is malformed or not addressed to this service.", status=400)
+    return JsonResponse(error.body(), status=400)
+
+
 def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     """Django's 404 in the one JSON error shape (paths no route matches)."""
     return JsonResponse(not_found().body(), status=404)

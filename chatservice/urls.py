@@ -10,6 +10,7 @@ from providers.api import ModelListView
 from providers.views import model_status_view
 from usage.views import UsageView
 
+handler400 = "chatservice.health.json_bad_request"
 handler404 = "chatservice.health.json_not_found"
 handler500 = "chatservice.health.json_server_error"
 

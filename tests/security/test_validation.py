@@ -301,3 +301,26 @@ def test_refusals_outside_the_views_are_json(service_url: str, key: str, method:
     assert isinstance(error["code"], str) and isinstance(error["message"], str)
     if status == 405:
         assert response.headers["allow"]
+
+
+_MANY_FIELDS = "&".join(f"f{i}=1" for i in range(1001))  # past DATA_UPLOAD_MAX_NUMBER_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("path", "host"),
+    [
+        (f"/usage?{_MANY_FIELDS}", None),
+        (f"/history?{_MANY_FIELDS}", None),
+        (f"/models?{_MANY_FIELDS}", None),
+        ("/usage", "not-served.example"),  # a Host outside ALLOWED_HOSTS
+        ("/health", "not-served.example"),
+    ],
+    ids=["usage-fields", "history-fields", "models-fields", "usage-host", "health-host"],
+)
+def test_requests_django_refuses_as_malformed_get_a_json_400(
+    service_url: str, key: str, path: str, host: str | None
+) -> None:
+    headers = {"Authorization": f"Bearer {key}", **({"Host": host} if host else {})}
+    response = httpx.get(f"{service_url}{path}", headers=headers, timeout=30)
+    assert_error(response, 400, "invalid_request")
+    assert response.headers["x-request-id"]
