@@ -269,7 +269,10 @@ ENABLE_METRICS: bool = env.bool("ENABLE_METRICS", default=True)
 METRICS_BEARER_TOKEN: str = env.str("METRICS_BEARER_TOKEN", default="")
 LOG_REQUESTS: bool = env.bool("LOG_REQUESTS", default=True)
 LOG_RESPONSES: bool = env.bool("LOG_RESPONSES", default=False)
-LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
+LOG_LEVEL: str = (env.str("LOG_LEVEL", default="") or "INFO").strip().upper()  # "debug" as uvicorn spells it
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+if LOG_LEVEL not in _LOG_LEVELS:
+    raise ImproperlyConfigured(f"LOG_LEVEL={os.environ.get('LOG_LEVEL')!r}: expected one of {', '.join(_LOG_LEVELS)}")
 
 # tiktoken's encodings come from the bpe-openai wheel, unpacked here; never from the network.
 TIKTOKEN_CACHE_DIR: str = str(BASE_DIR / (env.str("TIKTOKEN_CACHE_DIR", default="") or ".cache/tiktoken"))

@@ -161,6 +161,7 @@ print(json.dumps([s.ENABLE_FALLBACK, s.FALLBACK_ORDER, s.FIRST_TOKEN_TIMEOUT_SEC
         ("API_KEY_CACHE_SECONDS", "nan"),
         ("BATCH_CONCURRENCY", "0"),
         ("STREAM_BUFFER_EVENTS", "-1"),
+        ("LOG_LEVEL", "verbose"),
     ],
 )
 def test_a_bad_value_stops_the_start_naming_the_variable(variable: str, value: str) -> None:
@@ -186,3 +187,14 @@ def test_good_values_are_read_as_written_and_empty_means_the_default() -> None:
     result = run(["-c", PRINT_SETTINGS], env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [True, ["gemini", "openai"], 1000.0, 2]
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", "DEBUG"), (" Warning ", "WARNING"), ("", "INFO")])
+def test_log_level_is_read_in_any_case(value: str, level: str) -> None:
+    """`LOG_LEVEL=debug`, as uvicorn's --log-level spells it, stopped the start with logging's own
+    "Unable to configure root logger" traceback."""
+    env = production_env(SECRET_KEY=random_key(), ALLOWED_HOSTS="chat.example.com", LOG_LEVEL=value)
+    script = f"{SETUP}\nimport logging\nprint(logging.getLevelName(logging.getLogger().level))"
+    result = run(["-c", script], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == level
