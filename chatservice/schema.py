@@ -360,6 +360,8 @@ def _document_drf_operations(paths: dict[str, Any], error: dict[str, Any]) -> No
             has_cursor = any(p.get("name") == "cursor" for p in operation.get("parameters", []))
             if "{" in path or (method == "get" and has_cursor):
                 statuses.append("404")  # not the caller's, or an invalid cursor
+            if "{" in path:  # the view parses the id itself: any case names it, anything else is refused
+                operation["responses"].setdefault("400", _json(error, "Invalid request: the id in the path is no UUID"))
             for status in statuses:
                 operation["responses"].setdefault(status, _json(error, _DESCRIPTIONS[status]))
             for parameter in operation.get("parameters", []):
