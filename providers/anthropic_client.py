@@ -84,16 +84,17 @@ def map_error(provider: str, exc: BaseException) -> ProviderError:
 def _split(messages: tuple[ChatMessage, ...]) -> tuple[str, list[MessageParam]]:
     """System messages joined into Anthropic's `system`; the rest as the conversation.
 
-    An empty message is left out: the Messages API refuses one ("all messages must have
-    non-empty content"), and it carries no text.
+    A message of whitespace alone (or none) is left out: the Messages API refuses one ("all
+    messages must have non-empty content", "text content blocks must contain non-whitespace
+    text"), and it carries no text.
     """
-    system = "\n\n".join(m.content for m in messages if m.role == "system" and m.content)
+    system = "\n\n".join(m.content for m in messages if m.role == "system" and m.content.strip())
     turns: list[MessageParam] = [
         AssistantMessageParam(role="assistant", content=m.content)
         if m.role == "assistant"
         else UserMessageParam(role="user", content=m.content)
         for m in messages
-        if m.role != "system" and m.content
+        if m.role != "system" and m.content.strip()
     ]
     return system, turns
 

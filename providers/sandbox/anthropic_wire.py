@@ -111,6 +111,8 @@ def _parse_call(body: Any) -> _MessagesCall | str:
         system_text = _text_of(system)
         if system_text is None:
             return "system: Input should be a string or a list of text blocks"
+        if system_text and not system_text.strip():
+            return "system: text content blocks must contain non-whitespace text"
         if system_text:
             texts.append(system_text)
     messages = body.get("messages")
@@ -133,6 +135,8 @@ def _parse_call(body: Any) -> _MessagesCall | str:
                 f"messages.{index}: all messages must have non-empty content "
                 "except for the optional final assistant message"
             )
+        if text and not text.strip():
+            return "messages: text content blocks must contain non-whitespace text"
         texts.append(text)
         if role == "user":
             last_user = text

@@ -274,6 +274,24 @@ def test_empty_turns_do_not_reach_providers_that_refuse_them(service_url, sandbo
     assert UsageRecord.objects.get().status == "ok"
 
 
+def test_whitespace_only_turns_do_not_reach_claude(service_url, sandbox, make_user) -> None:
+    # Anthropic refuses a text block of whitespace alone ("text content blocks must contain
+    # non-whitespace text"); a reply cut after a newline, kept in a conversation, would otherwise
+    # fail every later turn sent to Claude. It carries no text, so it is left out.
+    _, key = make_user("premium")
+    completion = client(service_url, key).chat.completions.create(
+        model="claude-haiku-4-5",
+        messages=[
+            {"role": "system", "content": " \n"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "\n\n"},
+            {"role": "user", "content": "Again [[tokens:3]]"},
+        ],
+    )
+    assert len((completion.choices[0].message.content or "").split()) == 3
+    assert UsageRecord.objects.get().status == "ok"
+
+
 def test_streaming_disabled_refuses_a_v1_stream(service_url, sandbox, make_user, settings) -> None:
     # ENABLE_STREAMING=false holds on every transport: /v1 too, before admission.
     settings.ENABLE_STREAMING = False
