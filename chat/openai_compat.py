@@ -219,7 +219,12 @@ class ChatCompletions:
     async def _stream(
         self, exchange: Exchange, run: ChatRun, headers: dict[str, str], model: str, include_usage: bool
     ) -> None:
-        await exchange.start_sse(headers)
+        """The run as `data:` chunks. The status waits for the run's first event: a run that fails
+        before its first token (every provider refused, a first-token timeout) answers its own
+        status with OpenAI's error body, as OpenAI does, so the SDK raises its own class for it
+        (RateLimitError, InternalServerError...) and its retries can act; once a token is on its
+        way the answer is 200 and a later failure is an error chunk."""
+        responded = streaming = False
         created = int(time.time())
         completion_id = _completion_id(run)
 
@@ -238,6 +243,13 @@ class ChatCompletions:
             async for event in run.events():
                 if exchange.disconnected.is_set():
                     break
+                if not responded:
+                    responded = True
+                    if isinstance(event, Failed):
+                        await _send_openai_error(exchange, event.error, headers)
+                        continue  # the run's last event
+                    await exchange.start_sse(headers)
+                    streaming = True
                 if isinstance(event, Started):
                     model = event.model
                     await exchange.send_chunk(chunk({"role": "assistant", "content": ""}))
@@ -258,7 +270,9 @@ class ChatCompletions:
                     await exchange.send_chunk(frames + b"data: [DONE]\n\n")
                 elif isinstance(event, Failed):
                     await exchange.send_chunk(b"data: " + orjson.dumps(openai_error(event.error)) + b"\n\n")
-        if not exchange.disconnected.is_set():
+        if not exchange.disconnected.is_set() and (streaming or not responded):
+            if not streaming:  # a run that ended without an event (cancelled): an empty stream
+                await exchange.start_sse(headers)
             await exchange.send_chunk(b"", more=False)
         await run.wait_settled()
 

@@ -347,3 +347,44 @@ def test_stream_options_without_stream_is_refused(service_url, sandbox, make_use
         )
     assert refused.value.param == "stream_options" and refused.value.code == "invalid_request"
     assert not sandbox.calls() and UsageRecord.objects.count() == 0
+
+
+def test_a_stream_failing_before_its_first_token_answers_its_own_status(service_url, sandbox, make_user, settings):
+    # As OpenAI answers: the SDK raises its own class for the status (not a bare APIError from an
+    # error chunk after a 200), and its own retries can act on it.
+    settings.ENABLE_FALLBACK = False
+    settings.MAX_RETRY_ATTEMPTS = 1
+    _, key = make_user("premium")
+    with pytest.raises(openai.InternalServerError) as failed:
+        list(
+            client(service_url, key).chat.completions.create(
+                model="openai", messages=[{"role": "user", "content": "hi [[fail:503]] [[retry-after:7]]"}], stream=True
+            )
+        )
+    assert failed.value.status_code == 502 and failed.value.response.headers["retry-after"] == "7"
+    assert failed.value.type == "server_error" and failed.value.code
+    assert UsageRecord.objects.get().status == "failed"
+
+    retrying = openai.OpenAI(api_key=key, base_url=f"{service_url}/v1", max_retries=1, timeout=30)
+    stream = retrying.chat.completions.create(
+        model="openai",
+        messages=[{"role": "user", "content": "again [[fail:503*1]] [[retry-after:1]] [[tokens:3]]"}],
+        stream=True,
+    )
+    assert len("".join(c.choices[0].delta.content or "" for c in stream if c.choices).split()) == 3
+    assert sorted(UsageRecord.objects.values_list("status", flat=True)) == ["failed", "failed", "ok"]
+
+
+def test_a_stream_failing_after_its_first_token_ends_with_an_error_chunk(service_url, sandbox, make_user, settings):
+    settings.MAX_RETRY_ATTEMPTS = 1
+    _, key = make_user("premium")
+    stream = client(service_url, key).chat.completions.create(
+        model="openai", messages=[{"role": "user", "content": "hi [[error-after:2]] [[tokens:6]]"}], stream=True
+    )
+    text = ""
+    with pytest.raises(openai.APIError) as failed:
+        for chunk in stream:
+            text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+    assert text and not isinstance(failed.value, openai.APIStatusError)  # the status was already 200
+    record = UsageRecord.objects.get()
+    assert record.status == "partial" and record.output_tokens >= len(text.split()) > 0  # what was sent is billed
