@@ -83,7 +83,18 @@ def openai_error(error: ServiceError) -> dict[str, Any]:
 
 
 async def _send_openai_error(exchange: Exchange, error: ServiceError, headers: dict[str, str] | None = None) -> None:
+    if error.code == "unknown_model":  # OpenAI answers a model it does not serve with a 404 (NotFoundError)
+        error = _model_not_found(str(error.details.get("model", "")))
     await exchange.send_json(error.status, openai_error(error), {**(headers or {}), **error.headers})
+
+
+def _model_not_found(requested: str) -> ServiceError:
+    return ServiceError(
+        "model_not_found",
+        f"The model {requested!r} does not exist or you do not have access to it.",
+        status=404,
+        details={"model": requested},
+    )
 
 
 def _parse(body: bytes) -> tuple[CompletionRequest, ChatRequest, Passthrough]:
@@ -313,12 +324,7 @@ class ModelRetrieve:
             except ServiceError:
                 entry = None
             if entry is None or not principal.allows_provider(entry.provider):
-                raise ServiceError(
-                    "model_not_found",
-                    f"The model {requested!r} does not exist or you do not have access to it.",
-                    status=404,
-                    details={"model": requested},
-                )
+                raise _model_not_found(requested)
         except ServiceError as error:
             await _send_openai_error(exchange, error)
             return

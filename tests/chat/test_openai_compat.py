@@ -84,8 +84,16 @@ def test_errors_raise_the_sdks_own_classes(service_url, sandbox, make_user, sett
             model="deepseek", messages=[{"role": "user", "content": "hi", "name": "alice"}]
         )
     assert "messages.0.name" in named.value.message
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError) as unknown:  # as OpenAI answers a model it does not serve
         client(service_url, key).chat.completions.create(model="gpt-99", messages=[{"role": "user", "content": "hi"}])
+    assert unknown.value.code == "model_not_found" and "gpt-99" in unknown.value.message
+    with pytest.raises(openai.NotFoundError):
+        list(
+            client(service_url, key).chat.completions.create(
+                model="gpt-99", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+        )
+    assert UsageRecord.objects.count() == 0
 
     _, limited_key = make_user("free", requests_per_hour_override=1)
     ok = client(service_url, limited_key).chat.completions.create(
