@@ -88,6 +88,21 @@ async def _send_openai_error(exchange: Exchange, error: ServiceError, headers: d
     await exchange.send_json(error.status, openai_error(error), {**(headers or {}), **error.headers})
 
 
+def _naming_max_completion_tokens(error: ServiceError) -> ServiceError:
+    """The pipeline's refusal of `max_tokens`, for a client that sent `max_completion_tokens`: in its name."""
+    fields = error.details.get("fields")
+    if not isinstance(fields, dict) or "max_tokens" not in fields:
+        return error
+    renamed = {"max_completion_tokens" if name == "max_tokens" else name: why for name, why in fields.items()}
+    return ServiceError(
+        error.code,
+        error.message.replace("max_tokens", "max_completion_tokens"),
+        status=error.status,
+        details={**error.details, "fields": renamed},
+        headers=error.headers,
+    )
+
+
 def _model_not_found(requested: str) -> ServiceError:
     return ServiceError(
         "model_not_found",
@@ -175,6 +190,7 @@ class ChatCompletions:
     @json_errors
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(scope, receive, send)
+        request: CompletionRequest | None = None
         try:
             principal = await exchange.caller("POST")
             request, chat, passthrough = _parse(await exchange.read_body())
@@ -193,6 +209,8 @@ class ChatCompletions:
                 passthrough=passthrough,
             )
         except ServiceError as error:
+            if request is not None and request.max_completion_tokens is not None:
+                error = _naming_max_completion_tokens(error)
             await _send_openai_error(exchange, error)
             return
         except asyncio.CancelledError:

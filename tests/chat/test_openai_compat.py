@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import openai
 import pytest
@@ -327,6 +328,17 @@ def test_max_tokens_and_max_completion_tokens_together_are_refused(service_url, 
     for capped in (by_max_tokens, by_completion):
         assert capped.choices[0].finish_reason == "length" and capped.usage is not None
         assert capped.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+def test_a_cap_beyond_the_models_output_is_refused_by_the_name_sent(service_url, sandbox, make_user, name) -> None:
+    _, key = make_user("premium")
+    cap: dict[str, Any] = {name: 10**7}
+    messages: Any = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(service_url, key).chat.completions.create(model="openai", messages=messages, **cap)
+    assert refused.value.param == name and f"{name} must be at most" in refused.value.message
+    assert not sandbox.calls() and UsageRecord.objects.count() == 0
 
 
 @pytest.mark.parametrize("option", [{"temperature": 1.5}, {"stop": ["\n"]}], ids=["temperature", "stop"])
