@@ -33,9 +33,10 @@ from chatservice.db import db_async
 from chatservice.errors import ServiceError
 from providers.base import ChatMessage, Delta, Finish, ProviderError, Start, Usage
 from providers.catalog import CatalogEntry, acatalog_entries
+from providers.options import ANTHROPIC_MAX_TEMPERATURE, RequestOptions
 from providers.pricing import Prices, cost_of
 from providers.router import get_router
-from providers.routing_types import ANTHROPIC_MAX_TEMPERATURE, RouteRequest, RouteTrace, Selection
+from providers.routing_types import RouteRequest, RouteTrace, Selection
 from providers.selection import select_model
 from providers.tokens import count_text, off_loop
 from usage.admission import Admission, admit
@@ -104,6 +105,8 @@ async def prepare(
         history = History(system_prompt="", messages=passthrough.messages[:-1])
     elif chat.conversation_id is not None:
         history = await db_async(conversation_history)(user_id=principal.user_id, conversation_id=chat.conversation_id)
+    stop = passthrough.stop if passthrough is not None else ()
+    options = RequestOptions(temperature=chat.temperature, max_tokens=chat.max_tokens, stop=stop)
     entries = await acatalog_entries()
     selection = await select_model(
         requested=chat.model,
@@ -114,7 +117,9 @@ async def prepare(
         message_tokens=await _message_tokens_bound(chat),
     )
     entry = selection.entry
-    _check_options(chat, entry, passthrough.stop if passthrough else ())
+    refusal = options.refusal(entry)  # what its provider would refuse: a 400 naming the field, before admission
+    if refusal is not None:
+        raise refusal.error()
     max_tokens = chat.max_tokens or min(settings.MAX_TOKENS_DEFAULT, entry.max_output_tokens)
     system_prompt = chat.system_prompt if chat.system_prompt is not None else history.system_prompt
     if passthrough is not None:
@@ -137,7 +142,7 @@ async def prepare(
         messages=prompt.messages,
         max_tokens=max_tokens,
         temperature=chat.temperature if chat.temperature is not None else _default_temperature(entry),
-        stop=passthrough.stop if passthrough else (),
+        stop=stop,
         allowed_providers=principal.allowed_providers,
         priority=principal.priority,
         prompt_tokens=prompt.tokens,
@@ -193,31 +198,6 @@ async def _history_tokens(chat: ChatRequest, history: History) -> int:
 
 def _default_temperature(entry: CatalogEntry) -> float:
     return min(settings.TEMPERATURE_DEFAULT, ANTHROPIC_MAX_TEMPERATURE if entry.provider == "claude" else 2.0)
-
-
-def _check_options(chat: ChatRequest, entry: CatalogEntry, stop: tuple[str, ...]) -> None:
-    """What the chosen model's provider would refuse, refused before admission with a 400 naming the field."""
-    if chat.temperature is not None and entry.provider == "claude" and chat.temperature > ANTHROPIC_MAX_TEMPERATURE:
-        raise ServiceError(
-            "invalid_request",
-            f"temperature must be between 0 and 1 for {entry.name}.",
-            status=400,
-            details={"fields": {"temperature": "must be between 0 and 1 for Claude models"}},
-        )
-    if chat.max_tokens is not None and chat.max_tokens > entry.max_output_tokens:
-        raise ServiceError(
-            "invalid_request",
-            f"max_tokens must be at most {entry.max_output_tokens} for {entry.name}.",
-            status=400,
-            details={"fields": {"max_tokens": f"must be at most {entry.max_output_tokens}"}},
-        )
-    if entry.provider == "claude" and any(not s.strip() for s in stop):  # Anthropic refuses it; others take "\n"
-        raise ServiceError(
-            "invalid_request",
-            f"stop sequences must contain a non-whitespace character for {entry.name}.",
-            status=400,
-            details={"fields": {"stop": "must contain a non-whitespace character for Claude models"}},
-        )
 
 
 class SlowClient(Exception):

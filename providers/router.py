@@ -175,10 +175,8 @@ class Router:
         for name in plan.cfg.fallback_order:
             if name in plan.visited_providers or name not in plan.request.allowed_providers:
                 continue
-            if not plan.request.fits(name):
-                continue
             entry = provider_default(entries, name)
-            if entry is not None and await self._healthy(entry):
+            if entry is not None and plan.request.fits(entry) and await self._healthy(entry):
                 return entry
         return None
 
@@ -195,7 +193,7 @@ class Router:
             e
             for e in entries
             if e.provider in request.allowed_providers
-            and request.fits(e.provider)
+            and request.fits(e)
             and e.name not in plan.visited_models
             and e.context_window > failed.context_window
             and e.context_window >= request.prompt_tokens + min(request.max_tokens, e.max_output_tokens)

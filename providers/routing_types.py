@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 from providers.base import ChatMessage
 from providers.catalog import CatalogEntry
-
-ANTHROPIC_MAX_TEMPERATURE = 1.0  # the Messages API takes 0..1; the others 0..2
+from providers.options import RequestOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +30,11 @@ class RouteRequest:
     prompt_tokens: int  # counted, to find a larger-context fallback
     request_id: str = ""
 
-    def fits(self, provider: str) -> bool:
-        """Whether `provider` takes this request's options as they are (a fallback that would not is skipped)."""
-        if provider != "claude":
-            return True
-        temperature_ok = self.temperature is None or self.temperature <= ANTHROPIC_MAX_TEMPERATURE
-        return temperature_ok and all(s.strip() for s in self.stop)
+    def fits(self, entry: CatalogEntry) -> bool:
+        """Whether `entry` takes this request's options as they are (a fallback that would not is skipped).
+
+        max_tokens is not weighed: a fallback's reply is capped at its model's output instead."""
+        return RequestOptions(temperature=self.temperature, stop=self.stop).refusal(entry) is None
 
 
 @dataclass
