@@ -115,6 +115,7 @@ async def prepare(
         history_tokens=await _history_tokens(chat, history),
         entries=entries,
         message_tokens=await _message_tokens_bound(chat),
+        options=options,
     )
     entry = selection.entry
     refusal = options.refusal(entry)  # what its provider would refuse: a 400 naming the field, before admission

@@ -53,3 +53,6 @@ class RequestOptions:
                 "must contain a non-whitespace character for Claude models",
             )
         return None
+
+
+NO_OPTIONS = RequestOptions()  # every model takes these

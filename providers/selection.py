@@ -2,7 +2,8 @@
 
 Auto-selection prefers DeepSeek for code, Claude for long conversations, DeepSeek on the
 free plan and DEFAULT_LLM otherwise, always among the plan's providers and healthy models
-(circuit not open, not in maintenance); `Selection.reason` says why.
+(circuit not open, not in maintenance) and, while one of those takes them, models that take the
+request's options; `Selection.reason` says why.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from accounts.principal import Principal
 from chatservice.errors import ServiceError
 from providers.catalog import PROVIDERS, CatalogEntry, provider_default, resolve_model
 from providers.circuit import Circuit, get_circuit
+from providers.options import NO_OPTIONS, RequestOptions
 from providers.routing_types import Selection
 
 logger = logging.getLogger(__name__)
@@ -171,11 +173,15 @@ async def select_model(
     entries: tuple[CatalogEntry, ...],
     circuit: Circuit | None = None,
     message_tokens: int = 0,
+    options: RequestOptions = NO_OPTIONS,
 ) -> Selection:
     """The model for a request: the one asked for (if the plan allows it), or the best fit.
 
-    403 `model_not_allowed` when the plan excludes the asked-for model, 503 `model_unavailable`
-    when it is in maintenance, 503 `no_provider_available` when no allowed model is healthy.
+    Auto-selection passes over a model that would refuse `options` while an allowed one takes
+    them; when none does, it chooses as if they were not given, and the caller refuses them as
+    for that model asked for by name. 403 `model_not_allowed` when the plan excludes the
+    asked-for model, 503 `model_unavailable` when it is in maintenance, 503
+    `no_provider_available` when no allowed model is healthy.
     """
     if requested and requested.strip():
         return _explicit(principal, requested, entries)
@@ -196,15 +202,20 @@ async def select_model(
             candidates.append(entry)
     # The window must hold the new message (history is trimmed to fit), and all of a long conversation.
     needed = (history_tokens if reason.startswith("long") else 0) + message_tokens
-    usable = [e for e in dict.fromkeys(candidates) if principal.allows_provider(e.provider)]
+    allowed = [e for e in dict.fromkeys(candidates) if principal.allows_provider(e.provider)]
+    # One that would refuse the options is passed over while another takes them; when none does, the
+    # choice is made without them, and the caller answers the chosen one's 400, as if asked by name.
+    taking = [e for e in allowed if options.refusal(e) is None]
+    usable, weighed = (taking, options) if taking else (allowed, NO_OPTIONS)
     for entry in usable:
         if entry.context_window < needed:
             continue
         if await _healthy(entry, circuit):
             if wanted is not None and entry != wanted:
-                reason = f"{reason}; {wanted.name} {_why_not(principal, wanted, entries, needed)}, using {entry.name}"
+                why = _why_not(principal, wanted, entries, needed, weighed)
+                reason = f"{reason}; {wanted.name} {why}, using {entry.name}"
             elif wanted is None and entry.provider != preferred:
-                why = _why_not(principal, preferred, entries, needed)
+                why = _why_not(principal, preferred, entries, needed, weighed)
                 reason = f"{reason}; {preferred} {why}, using {entry.provider}"
             return Selection(entry=entry, reason=reason, explicit=False)
     if needed:
@@ -212,7 +223,8 @@ async def select_model(
         # healthy model with the largest window serves, rather than a 503.
         for entry in sorted(usable, key=lambda e: -e.context_window):
             if await _healthy(entry, circuit):
-                reason = f"{reason}; no allowed model holds it all, using {entry.name} with the most recent history"
+                which = "allowed model taking the options" if len(usable) < len(allowed) else "allowed model"
+                reason = f"{reason}; no {which} holds it all, using {entry.name} with the most recent history"
                 return Selection(entry=entry, reason=reason, explicit=False)
     retry_after = NO_PROVIDER_RETRY_AFTER_SECONDS
     waits = [await circuit.retry_after(p) for p in sorted(principal.allowed_providers)]
@@ -227,9 +239,18 @@ async def select_model(
     )
 
 
-def _why_not(principal: Principal, wanted: str | CatalogEntry, entries: tuple[CatalogEntry, ...], needed: int) -> str:
+def _why_not(
+    principal: Principal,
+    wanted: str | CatalogEntry,
+    entries: tuple[CatalogEntry, ...],
+    needed: int,
+    options: RequestOptions,
+) -> str:
     provider = wanted.provider if isinstance(wanted, CatalogEntry) else wanted
     if not principal.allows_provider(provider):
         return "not in plan"
     entry = wanted if isinstance(wanted, CatalogEntry) else provider_default(entries, provider)
+    refusal = options.refusal(entry) if entry is not None else None
+    if refusal is not None:
+        return f"refuses this {refusal.field}"
     return "too small" if entry is not None and entry.context_window < needed else "unavailable"

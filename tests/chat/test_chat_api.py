@@ -249,3 +249,43 @@ def test_flagged_message_is_served_and_the_flag_is_kept(service_url, sandbox, ma
     plain = post(service_url, key, {"message": "Write a poem about the sea."})
     assert plain.status_code == 200
     assert UsageRecord.objects.get(request_id=plain.json()["request_id"]).flagged is False
+
+
+def test_auto_selection_passes_over_claude_when_it_would_refuse_the_temperature(
+    service_url, sandbox, make_user, settings
+) -> None:
+    # A long conversation prefers Claude, whose API takes temperature 0..1; the client named no
+    # model, so one of the plan's others (which take 0..2) answers, at the first attempt.
+    settings.LONG_CONVERSATION_TOKENS = 30
+    _, key = make_user("premium")
+    first = post(service_url, key, {"message": "Tell me a story [[tokens:60]]", "model": "openai"}).json()
+    body = {"message": "Go on [[tokens:3]]", "conversation_id": first["conversation_id"], "temperature": 1.5}
+    served = len(sandbox.calls())
+
+    response = post(service_url, key, body)
+
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["provider"], answer["model_used"], answer["fallback_path"]) == ("gemini", "gemini-2.5-flash", [])
+    assert answer["routing_reason"].endswith("claude refuses this temperature, using gemini")
+    assert [call.provider for call in sandbox.calls()[served:]] == ["gemini"]  # no Claude call wasted
+    record = UsageRecord.objects.get(request_id=answer["request_id"])
+    assert (record.status, record.provider, record.attempts, record.fallback_path) == ("ok", "gemini", 1, [])
+
+
+def test_auto_selection_gives_max_tokens_from_a_model_that_can(service_url, sandbox, make_user) -> None:
+    # Code prefers deepseek-chat (8192 output tokens at most); gpt-4o-mini gives 16384. Above what
+    # every allowed model gives, the answer is the 400 the chosen model asked for by name gets.
+    _, key = make_user("premium")
+    code = "Why does this fail?\n```python\nprint(1/0)\n```"
+    response = post(service_url, key, {"message": f"{code} [[tokens:5]]", "max_tokens": 10_000})
+    assert response.status_code == 200, response.text
+    assert response.json()["model_used"] == "gpt-4o-mini"
+    assert UsageRecord.objects.get().model == "gpt-4o-mini"
+
+    too_many = post(service_url, key, {"message": code, "max_tokens": 70_000})
+    by_name = post(service_url, key, {"message": code, "max_tokens": 70_000, "model": "deepseek-chat"})
+    assert too_many.status_code == by_name.status_code == 400
+    assert too_many.json() == by_name.json()
+    assert too_many.json()["error"]["details"] == {"fields": {"max_tokens": "must be at most 8192"}}
+    assert UsageRecord.objects.count() == 1 and len(sandbox.calls()) == 1

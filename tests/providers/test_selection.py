@@ -18,6 +18,7 @@ from chatservice.errors import ServiceError
 from providers.catalog import CatalogEntry, _Catalog, acatalog_entries, catalog_cache
 from providers.circuit import get_circuit
 from providers.models import LLMModel
+from providers.options import NO_OPTIONS, RequestOptions
 from providers.selection import code_score, looks_like_code, select_model
 from tests.providers.scripted import isolated_router_state
 
@@ -46,7 +47,12 @@ def principal(plan: str = "premium") -> Principal:
 
 
 async def select(
-    *, requested: str | None = None, plan: str = "premium", message: str = "Hello there", history: int = 0
+    *,
+    requested: str | None = None,
+    plan: str = "premium",
+    message: str = "Hello there",
+    history: int = 0,
+    options: RequestOptions = NO_OPTIONS,
 ) -> tuple[CatalogEntry, str, bool]:
     selection = await select_model(
         requested=requested,
@@ -54,6 +60,7 @@ async def select(
         user_message=message,
         history_tokens=history,
         entries=await acatalog_entries(),
+        options=options,
     )
     return selection.entry, selection.reason, selection.explicit
 
@@ -174,6 +181,55 @@ async def test_no_healthy_allowed_provider_is_503_with_retry_after() -> None:
     err = caught.value
     assert (err.status, err.code) == (503, "no_provider_available")
     assert 1 <= int(err.headers["Retry-After"]) <= 30
+
+
+# --- options some models refuse -----------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [(RequestOptions(temperature=1.5), "temperature"), (RequestOptions(stop=("\n",)), "stop")],
+    ids=["temperature-above-claude-max", "whitespace-stop"],
+)
+async def test_a_long_conversation_goes_past_claude_when_claude_would_refuse_the_options(
+    options: RequestOptions, field: str
+) -> None:
+    """Valid elsewhere, refused by Anthropic: the client named no model, so one that takes them serves."""
+    entry, reason, explicit = await select(history=9120, options=options)
+    assert (entry.name, explicit) == ("gemini-2.5-flash", False)
+    assert reason == f"long conversation (9120 tokens); claude refuses this {field}, using gemini"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_max_tokens_above_the_preferred_models_output_goes_to_one_that_gives_it() -> None:
+    code = "Why does this fail?\n```python\nprint(1/0)\n```"
+    entry, reason, _ = await select(message=code, options=RequestOptions(max_tokens=10_000))
+    assert entry.name == "gpt-4o-mini"  # deepseek-chat gives at most 8192
+    assert reason == "code detected; deepseek refuses this max_tokens, using openai"
+    entry, reason, _ = await select(options=RequestOptions(max_tokens=20_000))
+    assert entry.name == "claude-haiku-4-5"  # gpt-4o-mini gives at most 16384
+    assert reason == "default model; openai refuses this max_tokens, using claude"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_conversation_longer_than_every_window_goes_to_the_largest_that_takes_the_options() -> None:
+    await open_circuit("gemini")
+    entry, reason, _ = await select(history=1_100_000, options=RequestOptions(temperature=1.5))
+    assert entry.name == "gpt-4o-mini"  # not claude-haiku-4-5, whose 200k window is larger
+    assert reason == (
+        "long conversation (1100000 tokens); no allowed model taking the options holds it all, "
+        "using gpt-4o-mini with the most recent history"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_options_no_allowed_model_takes_leave_the_choice_as_without_them() -> None:
+    """The caller then refuses them for the chosen model, as it does for that model asked for by name."""
+    entry, reason, _ = await select(history=9120, options=RequestOptions(temperature=1.5, max_tokens=100_000))
+    assert (entry.name, reason) == ("claude-haiku-4-5", "long conversation (9120 tokens)")
+    entry, reason, explicit = await select(requested="claude", options=RequestOptions(temperature=1.5))
+    assert (entry.name, reason, explicit) == ("claude-haiku-4-5", "requested", True)
 
 
 # --- the code detector -------------------------------------------------------------------------
