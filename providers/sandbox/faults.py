@@ -13,6 +13,8 @@ Markers go in the last user message. Each may be limited to one provider with `@
 - `[[drop:K]]`      stream K chunks, then cut the connection.
 - `[[error-after:K]]` stream K chunks, then the provider's own in-stream error event.
 - `[[thoughts:N]]`  Gemini: N thinking tokens, reported as `thoughtsTokenCount` from the first chunk on.
+                    deepseek-reasoner: N `reasoning_content` chunks (one token each) before the answer,
+                    instead of 6; `[[drop:K]]` and `[[slow:MS]]` count them as chunks.
 
 Example: `hello [[fail:503@openai]] [[tokens:3]]` fails on OpenAI and answers 3 tokens elsewhere.
 """

@@ -28,7 +28,7 @@ from providers.sandbox.streaming import (
     stream_response,
 )
 
-REASONING_TOKENS = 6  # chain-of-thought tokens a deepseek-reasoner reply carries before its answer
+REASONING_TOKENS = 6  # chain-of-thought tokens a deepseek-reasoner reply carries before its answer ([[thoughts:N]]: N)
 REASONING_MODEL = "deepseek-reasoner"
 CLIENT_CLOSED = 499  # logged when the client went away during [[hang]]
 DEFAULT_CONTEXT_WINDOW = 128_000
@@ -356,7 +356,9 @@ class _Reply:
                 tokens, finish_reason = tokens[:index], "stop"
                 break
         model = str(body["model"])
-        reasoning = reply_tokens(f"reasoning: {prompt}", REASONING_TOKENS) if model == REASONING_MODEL else []
+        reasoning: list[str] = []
+        if model == REASONING_MODEL:
+            reasoning = reply_tokens(f"reasoning: {prompt}", faults.thoughts or REASONING_TOKENS)
         return cls(
             provider=provider,
             model=model,
