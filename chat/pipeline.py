@@ -284,6 +284,7 @@ class ChatRun:
         trace = RouteTrace()
         parts: list[str] = []
         usage: Usage | None = None
+        usage_covers = 0  # the parts of the reply streamed before that usage (which it counts)
         first_token_at: float | None = None
         status = "ok"
         error: ServiceError | None = None
@@ -310,7 +311,7 @@ class ChatRun:
                             )
                         )
                     elif isinstance(event, Usage):
-                        usage = event
+                        usage, usage_covers = event, len(parts)
                     elif isinstance(event, Finish):
                         self.finish_reason = event.reason
         except ProviderError as exc:
@@ -326,8 +327,10 @@ class ChatRun:
             error = ServiceError("internal_error", "The request failed unexpectedly.", status=500)
         finally:
             outcome: ChatOutcome | None = None
+            if usage is None:  # ended before its first token: what the router held back for it, if anything
+                usage = trace.held_usage
             try:
-                outcome = self._outcome(trace, parts, usage, first_token_at, status, error, cancelled)
+                outcome = self._outcome(trace, parts, usage, usage_covers, first_token_at, status, error, cancelled)
                 settle = asyncio.ensure_future(_settle(outcome))
                 try:
                     self.record = await asyncio.shield(settle)
@@ -367,6 +370,7 @@ class ChatRun:
         trace: RouteTrace,
         parts: list[str],
         usage: Usage | None,
+        usage_covers: int,
         first_token_at: float | None,
         status: str,
         error: ServiceError | None,
@@ -375,7 +379,15 @@ class ChatRun:
         prepared = self.prepared
         entry = trace.served_by
         reply = "".join(parts)
-        usage = _billable_usage(usage, reply, status, prepared.prompt_tokens, entry, prepared.route.max_tokens)
+        usage = _billable_usage(
+            usage,
+            reply,
+            status,
+            prepared.prompt_tokens,
+            entry,
+            prepared.route.max_tokens,
+            after_usage=reply if usage_covers == 0 else "".join(parts[usage_covers:]),
+        )
         prices = Prices.of(entry) if entry is not None else None
         cost = cost_of(usage, prices) if prices is not None else Decimal(0)
         error_code = self._cancel_code if cancelled else (error.code if error else "")
@@ -420,6 +432,8 @@ def _billable_usage(
     prompt_tokens: int,
     entry: CatalogEntry | None,
     max_tokens: int,
+    *,
+    after_usage: str = "",
 ) -> Usage:
     """Provider-reported usage when there is a full report; otherwise count what was generated.
 
@@ -428,16 +442,25 @@ def _billable_usage(
     The count is never more than the provider could have generated (the request's max_tokens,
     within the model's max output): another tokenizer's count of the text can be higher than
     the provider's own. What the provider reported before the end (a running total that holds
-    output the text does not show, such as Gemini's thoughts) is billed when it is more.
+    output the text does not show, such as Gemini's thoughts or DeepSeek's reasoning) is billed
+    when it is more, with the text streamed after it (`after_usage`) counted on top; a running
+    total that did not know the input is billed the prompt's count for it.
     A request that produced nothing is billed nothing.
     """
-    if reported is not None and status == "ok":
+    if reported is not None and status == "ok" and reported.source == "provider":
         return reported
+    if reported is not None and reported.source == "estimated" and not reported.input_tokens:
+        reported = dataclasses.replace(reported, input_tokens=prompt_tokens)
     if not reply or entry is None:
         return reported or Usage(0, 0, 0, source="provider")
-    counted = min(count_text(reply, entry.upstream_model).tokens, max(1, min(max_tokens, entry.max_output_tokens)))
+    limit = max(1, min(max_tokens, entry.max_output_tokens))
+    counted = min(count_text(reply, entry.upstream_model).tokens, limit)
     if reported is not None:
-        output = max(counted, reported.output_tokens)
+        if len(after_usage) == len(reply):  # reported before any text (a reasoning phase): the same count
+            after = counted
+        else:
+            after = min(count_text(after_usage, entry.upstream_model).tokens, limit) if after_usage else 0
+        output = max(counted, reported.output_tokens + after)
         return Usage(reported.input_tokens, output, reported.cached_input_tokens, source="estimated")
     return Usage(input_tokens=prompt_tokens, output_tokens=counted, cached_input_tokens=0, source="estimated")
 

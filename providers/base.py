@@ -63,8 +63,10 @@ Event = Start | Delta | Usage | Finish
 class Provider(Protocol):
     """One LLM backend. `stream` yields Start, then Deltas, then Usage once, then Finish.
 
-    A provider whose output holds tokens the text does not show (Gemini's thoughts) may also
-    yield its running total along the way, marked estimated; the last Usage is the one that counts.
+    A provider whose output holds tokens the text does not show (Gemini's thoughts, DeepSeek's
+    reasoning) may also yield its running total along the way, marked estimated; the last Usage
+    is the one that counts. A running total covers the output streamed before it (text after it
+    is counted on top), and may leave input_tokens at 0 when the provider has not said it.
 
     Closing the generator early (aclose) must close the upstream HTTP response.
     Failures raise a `ProviderError` subclass, before or after some deltas.

@@ -117,7 +117,12 @@ class OpenAIProvider:
         self._completions_url = f"{self._client.base_url}chat/completions"
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
-        """Start, Deltas, Usage (only when the upstream reported it), Finish; or a ProviderError."""
+        """Start, Deltas, Usage (only when the upstream reported it), Finish; or a ProviderError.
+
+        A reasoning model's stream (deepseek-reasoner) also gives, for each read that carried
+        reasoning, its running total so far: `Usage(0, reasoning tokens, source="estimated")`, input
+        unknown (0). It covers the output before it; the answer's text after it is not in it.
+        """
         state = _StreamState()
         pending = b""
         try:
@@ -131,9 +136,15 @@ class OpenAIProvider:
                     # down the pipeline, not one per chunk; a paced stream still gets one per token.
                     # The chunks are parsed in a call of their own, so none of their objects stay
                     # alive while this stream waits for its next read (500 open streams, 500 of each).
+                    reasoned = state.reasoning
                     model, text, failure = self._read(lines, state)
                     if model is not None:
                         yield Start(provider=self.name, model=model or request.model)
+                    if state.reasoning != reasoned:
+                        # DeepSeek bills its reasoning as output, and the text does not show it: the
+                        # running count goes ahead of this read's text, so a stream cut or cancelled
+                        # before its usage report is billed for it (and the router sees it is alive).
+                        yield Usage(input_tokens=0, output_tokens=state.reasoning, source="estimated")
                     if text:
                         yield Delta(text)
                     if failure is not None:
@@ -179,6 +190,9 @@ class OpenAIProvider:
                     text = delta.get("content")
                     if text:
                         texts.append(text)
+                    elif delta.get("reasoning_content"):
+                        # One token a chunk, as DeepSeek streams its reasoning: never more than it made.
+                        state.reasoning += 1
                 if choice.get("finish_reason"):
                     state.finish = choice["finish_reason"]
             if chunk.get("usage"):
@@ -278,13 +292,14 @@ class OpenAIProvider:
 class _StreamState:
     """What one upstream stream has read so far (see `OpenAIProvider.stream`)."""
 
-    __slots__ = ("done", "finish", "started", "usage")
+    __slots__ = ("done", "finish", "reasoning", "started", "usage")
 
     def __init__(self) -> None:
         self.started = False
         self.done = False
         self.finish: str | None = None
         self.usage: Mapping[str, Any] | None = None
+        self.reasoning = 0  # reasoning_content chunks (deepseek-reasoner), one token each
 
 
 def _message(message: ChatMessage) -> dict[str, str]:

@@ -288,7 +288,11 @@ class Router:
                 await self.circuit.release_probe(entry.provider)
 
     async def _relay(self, entry: CatalogEntry, plan: _Plan, admission: Admission) -> AsyncGenerator[Event, None]:
-        """Pass one upstream stream through: hold Start until the first Delta, time out silences."""
+        """Pass one upstream stream through: hold Start until the first Delta, time out silences.
+
+        Any event but Start counts as the upstream's first sign of life (a running Usage during a
+        reasoning phase included); only a Delta or the Finish commits the stream to this provider.
+        """
         request, cfg = plan.request, plan.cfg
         provider_request = ProviderRequest(
             model=entry.upstream_model,
@@ -303,10 +307,11 @@ class Router:
         verdict_given = False
         stream: AsyncIterator[Event] | None = None
         watch = _SilenceWatch()
+        plan.trace.held_usage = None  # this attempt's, not an earlier one's
         try:
             try:
                 stream = registry.get(entry.provider).stream(provider_request)
-                committed, held = False, []
+                committed = False
                 while True:
                     if first_at is None:  # what is left of the first-token timeout, counted from the call
                         limit = max(0.0, started + cfg.first_token_timeout - self._clock())
@@ -320,15 +325,18 @@ class Router:
                     if first_at is None:
                         first_at = self._clock()
                     if not committed and isinstance(event, Usage):
-                        held.append(event)
+                        # A running total (reasoning, thoughts) is a sign of life, not a first token: it
+                        # waits for one, the latest in place of the others, and on the trace, so a
+                        # stream that fails or is cancelled before its first token is billed for it.
+                        plan.trace.held_usage = event
                         continue
                     if not committed:
                         committed = True
                         if isinstance(event, Delta):
                             plan.trace.delivered = True
                         yield Start(entry.provider, entry.name)
-                        for pending in held:
-                            yield pending
+                        if plan.trace.held_usage is not None:
+                            yield plan.trace.held_usage
                     if isinstance(event, Finish):
                         verdict_given = True
                         await self.circuit.record_success(entry.provider)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from providers.base import ChatMessage
+from providers.base import ChatMessage, Usage
 from providers.catalog import CatalogEntry
 from providers.options import RequestOptions
 
@@ -45,6 +45,9 @@ class RouteTrace:
     tried: list[str] = field(default_factory=list)  # providers tried, in order, each once
     served_by: CatalogEntry | None = None  # the model whose output reached the client (or last tried)
     delivered: bool = False  # a delta reached the caller: no more fallback
+    # The serving attempt's latest Usage from before its first token (a reasoning model's running
+    # total), which the router holds until then: what a stream that ends before it is billed for.
+    held_usage: Usage | None = None
 
     @property
     def fallback_path(self) -> list[str]:

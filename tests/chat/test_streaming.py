@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from chat.pipeline import ChatRun
-from providers.base import Usage
+from providers.base import ChatMessage, Event, Provider, ProviderRequest, Usage
 from providers.catalog import catalog_entries, resolve_model
 from providers.pricing import Prices, cost_of
+from providers.registry import registry
 from providers.sandbox.faults import reply_tokens
-from providers.tokens import count_text
+from providers.tokens import count_messages, count_text
 from tests.chat.clients import Received, sse_chat, ws_chat
 from usage.models import UsageRecord
 
@@ -45,7 +48,7 @@ def fast_failures(settings):
     settings.MAX_RETRY_ATTEMPTS = 1
 
 
-async def started_run(make_user, message: str) -> tuple[Any, ChatRun]:
+async def started_run(make_user, message: str, model: str = "openai") -> tuple[Any, ChatRun]:
     """A premium user's request, admitted through the pipeline and started, with no client reading
     it yet (the tests below drive `ChatRun` directly). Returns the user and the run."""
     from accounts.selectors import api_key_authenticate
@@ -59,7 +62,7 @@ async def started_run(make_user, message: str) -> tuple[Any, ChatRun]:
     assert principal is not None
     prepared = await prepare(
         principal=principal,
-        chat=ChatRequest(message=message, model="openai"),
+        chat=ChatRequest(message=message, model=model),
         transport="sse",
         request_id=request_id_from(None),
     )
@@ -153,6 +156,107 @@ def test_a_cancelled_thinking_stream_is_billed_for_its_thoughts(service_url, san
     record = wait_for_record()
     assert (record.status, record.usage_source) == ("cancelled", "estimated")
     assert 300 + 2 <= record.output_tokens < 300 + 50
+
+
+REASONER = "deepseek-reasoner"
+
+
+def reasoner_prompt_tokens(message: str) -> int:
+    """The input the pipeline counted for a bare message to deepseek-reasoner."""
+    return count_messages((ChatMessage("user", message),), REASONER).tokens
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_reasoning_stream_cut_in_its_answer_is_billed_for_its_reasoning(
+    service_url, sandbox, make_user, fast_failures, transport
+) -> None:
+    """deepseek-reasoner's reasoning is output DeepSeek bills but the text does not show: a stream cut
+    in its answer is billed for all of it (a token a chunk) and for the text, its input from the prompt."""
+    _, key = make_user("premium")
+    message = "x [[tokens:8]] [[thoughts:300]] [[drop:303]]"
+    got = run_chat(transport, service_url, key, {"message": message, "model": REASONER})
+    assert got.shape() == ["start", "token+", "error"]
+    assert got.text() == "".join(reply_tokens(message, 3))
+    record = wait_for_record()
+    assert (record.status, record.usage_source) == ("partial", "estimated")
+    assert record.output_tokens == 300 + count_text(got.text(), REASONER).tokens
+    assert record.input_tokens == reasoner_prompt_tokens(message)
+    prices = Prices.of(resolve_model(catalog_entries(), REASONER))
+    assert record.cost == cost_of(Usage(record.input_tokens, record.output_tokens), prices)
+
+
+def test_a_reasoning_stream_cut_before_its_answer_is_billed_for_its_reasoning(
+    service_url, sandbox, make_user, fast_failures
+) -> None:
+    _, key = make_user("premium")
+    message = "x [[tokens:8]] [[thoughts:300]] [[drop:100]]"
+    got = run_chat("sse", service_url, key, {"message": message, "model": REASONER})
+    assert got.names() == ["error"] and got.last()["error"]["code"] == "provider_connection_error"
+    record = wait_for_record()
+    assert (record.status, record.usage_source, record.output_tokens) == ("failed", "estimated", 100)
+    assert record.input_tokens == reasoner_prompt_tokens(message) and record.cost > 0
+
+
+def test_a_reasoning_stream_cancelled_in_its_answer_is_billed_for_its_reasoning(
+    service_url, sandbox, make_user
+) -> None:
+    _, key = make_user("premium")
+    body = {"message": "x [[tokens:50]] [[thoughts:20]] [[slow:50]]", "model": REASONER}
+    got = asyncio.run(ws_chat(service_url, key, body, cancel_after_tokens=2))
+    assert got.last()["error"]["code"] == "cancelled"
+    record = wait_for_record()
+    assert (record.status, record.usage_source) == ("cancelled", "estimated")
+    assert 20 + 2 <= record.output_tokens < 20 + 50
+    assert record.input_tokens == reasoner_prompt_tokens(body["message"])
+
+
+class _Watched:
+    """A provider client passed through, telling the test once the router has taken a Usage from it."""
+
+    def __init__(self, inner: Provider) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.usage_taken = asyncio.Event()
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
+        async with contextlib.aclosing(self.inner.stream(request)) as events:  # type: ignore[type-var]
+            async for event in events:
+                yield event
+                if isinstance(event, Usage):  # the router asked for the next event: it has this one
+                    self.usage_taken.set()
+
+    async def list_models(self) -> list[str]:
+        return await self.inner.list_models()
+
+
+async def test_a_reasoning_stream_cancelled_before_its_answer_is_billed_for_its_reasoning(sandbox, make_user) -> None:
+    """Cancelled while it reasons, before any text: the running count the router held back for
+    the first token is what the record bills."""
+    watched = _Watched(registry.get("deepseek"))
+    registry.override("deepseek", watched)
+    _, run = await started_run(make_user, "x [[tokens:5]] [[thoughts:300]] [[slow:20]]", REASONER)
+    await asyncio.wait_for(watched.usage_taken.wait(), timeout=5)
+    run.cancel()
+    await asyncio.wait_for(run.settled.wait(), timeout=5)
+    record = run.record
+    assert record is not None and (record.status, record.usage_source) == ("cancelled", "estimated")
+    assert 1 <= record.output_tokens < 300 and record.cost > 0
+    assert record.input_tokens == run.prepared.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_reasoning_phase_longer_than_the_first_token_timeout_is_served(
+    service_url, sandbox, make_user, fast_failures, settings, transport
+) -> None:
+    """Reasoning is the model at work, not a silent upstream: it starts within the first-token
+    timeout and lasts past it, and the answer that follows is served."""
+    settings.FIRST_TOKEN_TIMEOUT_SECONDS = 0.5
+    _, key = make_user("premium")
+    body = {"message": "x [[tokens:2]] [[thoughts:30]] [[slow:50]]", "model": REASONER}
+    got = run_chat(transport, service_url, key, body)
+    assert got.shape() == ["start", "token+", "done"]
+    record = wait_for_record()
+    assert (record.status, record.usage_source, record.output_tokens) == ("ok", "provider", 30 + 2)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

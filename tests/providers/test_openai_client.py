@@ -127,6 +127,7 @@ async def test_deepseek_reply_and_cache_usage(sandbox: SandboxState) -> None:
     assert events[0] == Start(provider="deepseek", model="deepseek-chat")
     assert text_of(events) == "".join(reply_tokens(prompt, 4))
     assert events[-2] == Usage(input_tokens=count_prompt_tokens([SYSTEM, prompt]), output_tokens=4)
+    assert sum(isinstance(e, Usage) for e in events) == 1  # no reasoning, no running count
     [call] = sandbox.calls("deepseek")
     assert call.path == "/deepseek/chat/completions"
 
@@ -137,9 +138,32 @@ async def test_deepseek_reasoner_keeps_reasoning_out_of_the_text(sandbox: Sandbo
 
     assert error is None
     assert text_of(events) == "".join(reply_tokens(prompt, 3))
-    usage = next(e for e in events if isinstance(e, Usage))
-    assert usage.output_tokens == 3 + REASONING_TOKENS
+    assert events[-2] == Usage(input_tokens=count_prompt_tokens([SYSTEM, prompt]), output_tokens=3 + REASONING_TOKENS)
     assert events[-1] == Finish("stop")
+
+
+async def test_deepseek_reasoning_is_counted_as_it_streams_ahead_of_the_answer(sandbox: SandboxState) -> None:
+    """The reasoning is output DeepSeek bills, but not text: its running count (one token a chunk,
+    input not known) goes out before the answer's first Delta, each growing; the final usage is DeepSeek's."""
+    prompt = "think hard [[tokens:3]] [[thoughts:40]]"
+    events, error = await collect(registry.get("deepseek"), make_request(prompt, model="deepseek-reasoner"))
+    assert error is None
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, Delta))
+    running = [e for e in events[:first_text] if isinstance(e, Usage)]
+    assert running and running[-1] == Usage(0, 40, source="estimated")
+    counts = [u.output_tokens for u in running]
+    assert counts == sorted(set(counts))
+    assert [e for e in events[first_text:] if isinstance(e, Usage)] == [
+        Usage(input_tokens=count_prompt_tokens([SYSTEM, prompt]), output_tokens=3 + 40)
+    ]
+
+
+async def test_a_deepseek_stream_cut_mid_reasoning_has_said_how_much_it_reasoned(sandbox: SandboxState) -> None:
+    prompt = "think [[tokens:3]] [[thoughts:40]] [[drop:10]]"
+    events, error = await collect(registry.get("deepseek"), make_request(prompt, model="deepseek-reasoner"))
+    assert isinstance(error, ProviderConnectionError)
+    assert text_of(events) == ""
+    assert [e for e in events if isinstance(e, Usage)][-1] == Usage(0, 10, source="estimated")
 
 
 async def test_completions_go_to_the_base_urls_path(sandbox: SandboxState) -> None:
