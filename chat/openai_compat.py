@@ -88,6 +88,22 @@ async def _send_openai_error(exchange: Exchange, error: ServiceError, headers: d
     await exchange.send_json(error.status, openai_error(error), {**(headers or {}), **error.headers})
 
 
+# The finish reasons OpenAI's API sends (`function_call` is its deprecated form of tool_calls).
+_OPENAI_FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
+# Others the providers send, in OpenAI's words: DeepSeek cuts a reply short when it runs out of
+# capacity, which reads to a client as a reply that did not end on its own.
+_FINISH_REASON_ALIASES = {"insufficient_system_resource": "length"}
+
+
+def finish_reason(reason: str) -> str:
+    """A provider's finish reason as OpenAI names it. Clients parse it into an enum of OpenAI's
+    values (the SDKs of typed languages refuse others), so any other reason (Gemini's OTHER,
+    LANGUAGE or MALFORMED_FUNCTION_CALL, a reason a provider adds later) ends as "stop"."""
+    if reason in _OPENAI_FINISH_REASONS:
+        return reason
+    return _FINISH_REASON_ALIASES.get(reason, "stop")
+
+
 def _naming_max_completion_tokens(error: ServiceError) -> ServiceError:
     """The pipeline's refusal of `max_tokens`, for a client that sent `max_completion_tokens`: in its name."""
     fields = error.details.get("fields")
@@ -237,7 +253,7 @@ class ChatCompletions:
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": response["message"]},
-                    "finish_reason": run.finish_reason,
+                    "finish_reason": finish_reason(run.finish_reason),
                 }
             ],
             "usage": _usage(response),
@@ -285,7 +301,7 @@ class ChatCompletions:
                 elif isinstance(event, Token):
                     await exchange.send_chunk(chunk({"content": event.delta}))
                 elif isinstance(event, Done):
-                    frames = chunk({}, run.finish_reason)
+                    frames = chunk({}, finish_reason(run.finish_reason))
                     if include_usage:
                         usage_chunk = {
                             "id": completion_id,

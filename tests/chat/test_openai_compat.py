@@ -408,3 +408,22 @@ def test_a_stream_failing_after_its_first_token_ends_with_an_error_chunk(service
     assert text and not isinstance(failed.value, openai.APIStatusError)  # the status was already 200
     record = UsageRecord.objects.get()
     assert record.status == "partial" and record.output_tokens >= len(text.split()) > 0  # what was sent is billed
+
+
+@pytest.mark.parametrize(
+    ("provider_reason", "sent"),
+    [
+        ("stop", "stop"),
+        ("length", "length"),
+        ("content_filter", "content_filter"),
+        ("tool_calls", "tool_calls"),
+        ("insufficient_system_resource", "length"),  # DeepSeek cut the reply short
+        ("other", "stop"),  # Gemini's OTHER, lower-cased by its client
+        ("malformed_function_call", "stop"),
+        ("language", "stop"),
+    ],
+)
+def test_finish_reasons_are_sent_in_openais_words(provider_reason: str, sent: str) -> None:
+    from chat.openai_compat import finish_reason
+
+    assert finish_reason(provider_reason) == sent
