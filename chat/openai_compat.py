@@ -269,7 +269,7 @@ class ChatCompletions:
         status with OpenAI's error body, as OpenAI does, so the SDK raises its own class for it
         (RateLimitError, InternalServerError...) and its retries can act; once a token is on its
         way the answer is 200 and a later failure is an error chunk."""
-        responded = streaming = False
+        streaming = refused = False  # the 200 and its chunks went out / the error status did
         created = int(time.time())
         completion_id = _completion_id(run)
 
@@ -288,11 +288,11 @@ class ChatCompletions:
             async for event in run.events():
                 if exchange.disconnected.is_set():
                     break
-                if not responded:
-                    responded = True
-                    if isinstance(event, Failed):
+                if not streaming:
+                    if isinstance(event, Failed):  # before any token: the run's first and last event
                         await _send_openai_error(exchange, event.error, headers)
-                        continue  # the run's last event
+                        refused = True
+                        continue
                     await exchange.start_sse(headers)
                     streaming = True
                 if isinstance(event, Started):
@@ -315,7 +315,7 @@ class ChatCompletions:
                     await exchange.send_chunk(frames + b"data: [DONE]\n\n")
                 elif isinstance(event, Failed):
                     await exchange.send_chunk(b"data: " + orjson.dumps(openai_error(event.error)) + b"\n\n")
-        if not exchange.disconnected.is_set() and (streaming or not responded):
+        if not exchange.disconnected.is_set() and not refused:
             if not streaming:  # a run that ended without an event (cancelled): an empty stream
                 await exchange.start_sse(headers)
             await exchange.send_chunk(b"", more=False)

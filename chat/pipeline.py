@@ -456,7 +456,7 @@ def _billable_usage(
     limit = max(1, min(max_tokens, entry.max_output_tokens))
     counted = min(count_text(reply, entry.upstream_model).tokens, limit)
     if reported is not None:
-        if len(after_usage) == len(reply):  # reported before any text (a reasoning phase): the same count
+        if len(after_usage) == len(reply):  # a suffix as long as the reply is all of it: reported before any text
             after = counted
         else:
             after = min(count_text(after_usage, entry.upstream_model).tokens, limit) if after_usage else 0
