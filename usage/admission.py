@@ -1,7 +1,8 @@
-"""The one admission check every transport runs before the upstream call: daily tokens, then requests per hour."""
+"""The one admission check every transport runs before the upstream call: daily tokens and requests per hour, at once."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from django.db import InterfaceError, OperationalError
 from accounts.principal import Principal
 from chatservice.db import db_async
 from chatservice.errors import ServiceError
-from usage.limiter import LimitState, RequestLimiter, limit_hit
+from usage.limiter import LimitState, RequestLimiter, limit_hit, request_limiter
 from usage.metrics import observe_limit_refusal
 from usage.quotas import Reservation, token_areserve, token_release
 
@@ -53,22 +54,29 @@ def database_unavailable() -> ServiceError:
 
 
 async def admit(*, principal: Principal, estimated_tokens: int, limiter: RequestLimiter | None = None) -> Admission:
-    """Reserve the request's estimated tokens, then count it against the hourly limit, or raise a 429/503.
+    """Reserve the request's estimated tokens and count it against the hourly limit, or raise a 429/503.
 
-    A request refused by the token quota is not counted hourly; one refused hourly gets its tokens
-    back. The caller owns the returned reservation: settle it with the UsageRecord, or release it.
+    The two checks run at once (the hourly hit's Redis round trip goes out alongside the
+    reservation's statement) and each refusal undoes the other's work: a request refused by the
+    token quota (or not reserved, the database down) is taken back out of the hourly window, one
+    refused hourly gets its tokens back. The token quota's refusal is the one reported when both
+    refuse. The caller owns the returned reservation: settle it with the UsageRecord, or release it.
     """
+    limiter = limiter or request_limiter()
+    hit = asyncio.ensure_future(limit_hit(principal, limiter=limiter))
     try:
         reservation = await token_areserve(
             user_id=principal.user_id, limit=principal.tokens_per_day, tokens=estimated_tokens
         )
-    except _DATABASE_DOWN as exc:
-        raise database_unavailable() from exc
-    except ServiceError:
-        _count_refusal(principal, "tokens_per_day")
+    except BaseException as exc:
+        await _take_back(hit, principal, limiter, at_once=not isinstance(exc, Exception))
+        if isinstance(exc, _DATABASE_DOWN):
+            raise database_unavailable() from exc
+        if isinstance(exc, ServiceError):
+            _count_refusal(principal, "tokens_per_day")
         raise
     try:
-        state = await limit_hit(principal, limiter=limiter)
+        state = await hit
     except BaseException:
         await _release(reservation)
         raise
@@ -77,6 +85,40 @@ async def admit(*, principal: Principal, estimated_tokens: int, limiter: Request
         _count_refusal(principal, "requests_per_hour")
         raise rate_limit_exceeded(state)
     return Admission(reservation=reservation, limit=state)
+
+
+async def _take_back(
+    hit: asyncio.Future[LimitState], principal: Principal, limiter: RequestLimiter, *, at_once: bool
+) -> None:
+    """Undo the hourly hit of a request that was not reserved. A cancelled admission (`at_once`)
+    does not wait for the hit: one still on its way is cancelled, and one that has already counted
+    is taken back in a task of its own."""
+    if at_once:
+        if not hit.done():
+            hit.cancel()
+            return
+        if hit.cancelled() or hit.exception() is not None or not hit.result().allowed:
+            return
+        undo = asyncio.ensure_future(limiter.unhit(user_id=principal.user_id, state=hit.result()))
+        _undoing.add(undo)
+        undo.add_done_callback(_undone)
+        return
+    try:
+        state = await hit
+        await limiter.unhit(user_id=principal.user_id, state=state)
+    except Exception:
+        # Redis failed on both paths already falls back per process; anything else leaves the
+        # request counted, which can only make the hourly limit stricter.
+        logger.warning("could not take back the hourly hit of a refused request", exc_info=True)
+
+
+_undoing: set[asyncio.Future[None]] = set()  # hits being taken back after a cancelled admission
+
+
+def _undone(undo: asyncio.Future[None]) -> None:
+    _undoing.discard(undo)
+    if not undo.cancelled() and undo.exception() is not None:
+        logger.warning("could not take back the hourly hit of a cancelled request", exc_info=undo.exception())
 
 
 def _count_refusal(principal: Principal, limit: str) -> None:

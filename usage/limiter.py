@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import logging
 import math
 import operator
@@ -102,6 +103,7 @@ class LimitState:
     remaining: int
     reset_seconds: int  # whole seconds until the oldest counted request leaves the window (0: none)
     allowed: bool
+    counted_at: float | None = None  # the instant a hit counted this request at (None: not counted)
 
 
 class _UserWindow(RateLimitItemPerSecond):
@@ -132,9 +134,11 @@ class _ClockedMemoryStorage(MemoryStorage):
         self._hits = 0
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        return self._acquire(key, limit, expiry, amount, self.clock())
+
+    def _acquire(self, key: str, limit: int, expiry: int, amount: int, now: float) -> bool:
         if amount > limit:
             return False
-        now = self.clock()
         with self._lock:
             window = self._windows.setdefault(key, [])
             if len(window) > limit - amount and window[limit - amount] >= now - expiry:
@@ -146,11 +150,18 @@ class _ClockedMemoryStorage(MemoryStorage):
                 self._sweep(now, expiry)
         return True
 
-    async def acquire_and_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
-        """Count one request if the window has room, then read the window: (acquired, oldest, count)."""
-        acquired = await self.acquire_entry(key, limit, expiry)
+    async def acquire_and_window(self, key: str, limit: int, expiry: int, now: float) -> tuple[bool, float, int]:
+        """Count one request at `now` if the window has room, then read the window: (acquired, oldest, count)."""
+        acquired = self._acquire(key, limit, expiry, 1, now)
         oldest, count = await self.get_moving_window(key, limit, expiry)
         return acquired, oldest, count
+
+    async def forget_entry(self, key: str, at: float) -> None:
+        """Take back one request counted at `at` (nothing if the window does not hold it)."""
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None and at in window:
+                window.remove(at)
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = self.clock()
@@ -220,9 +231,16 @@ class _ClockedRedisStorage(RedisStorage):
         async with self.slots:
             await super().clear(key)
 
-    async def acquire_and_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
-        """`acquire_entry` then `get_moving_window` in one script, sent with the other requests' hits."""
-        return await self._hits.submit((key, self.clock(), limit, expiry))
+    async def acquire_and_window(self, key: str, limit: int, expiry: int, now: float) -> tuple[bool, float, int]:
+        """`acquire_entry` at `now` then `get_moving_window` in one script, sent with the other requests' hits."""
+        return await self._hits.submit((key, now, limit, expiry))
+
+    async def forget_entry(self, key: str, at: float) -> None:
+        """Take back one request counted at `at` (nothing if the window does not hold it). The script
+        pushed the timestamp as redis-py encodes a float, its `repr`, which LREM is given to match."""
+        bridge = self._redispy
+        async with self.slots:
+            await cast(Redis, bridge.get_connection()).lrem(bridge.prefixed_key(key), 1, repr(at))
 
     async def _send_hits(
         self, hits: Sequence[tuple[str, float, int, int]]
@@ -322,12 +340,31 @@ class RequestLimiter:
 
         async def on(strategy: MovingWindowRateLimiter) -> LimitState:
             storage = cast(_ClockedMemoryStorage | _ClockedRedisStorage, strategy.storage)
+            now = self.clock()
             allowed, oldest, count = await storage.acquire_and_window(
-                item.key_for("user", str(user_id)), item.amount, item.get_expiry()
+                item.key_for("user", str(user_id)), item.amount, item.get_expiry(), now
             )
-            return self._limit_state(item, oldest + item.get_expiry(), count, allowed=allowed)
+            state = self._limit_state(item, oldest + item.get_expiry(), count, allowed=allowed)
+            return dataclasses.replace(state, counted_at=now) if allowed else state
 
         return await self._run(on)
+
+    async def unhit(self, *, user_id: int, state: LimitState) -> None:
+        """Take back the request `hit` counted in `state` (admitted hourly, then refused by something
+        else): it no longer counts in the window. Nothing when `state` counted nothing.
+
+        It is taken from wherever the window is kept now: a hit counted per process during a Redis
+        outage that ended meanwhile stays counted there, which only makes the limit stricter.
+        """
+        at = state.counted_at
+        if at is None:
+            return
+        key = _UserWindow(1, self.window_seconds, namespace="requests").key_for("user", str(user_id))
+
+        async def on(strategy: MovingWindowRateLimiter) -> None:
+            await cast(_ClockedMemoryStorage | _ClockedRedisStorage, strategy.storage).forget_entry(key, at)
+
+        await self._run(on)
 
     async def peek(self, *, user_id: int, limit: int) -> LimitState:
         """The window as it stands, counting nothing (for `/usage`)."""

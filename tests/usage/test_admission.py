@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import psycopg
 import pytest
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -19,6 +21,7 @@ from tests.redis_proxy import RedisProxy
 from usage.admission import admit, rate_limit_headers
 from usage.limiter import LimitState, RequestLimiter
 from usage.models import DailyTokenUsage, TokenReservation
+from usage.quotas import token_release
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,6 +62,16 @@ def principal() -> Callable[..., Principal]:
 def _reserved(user_id: int) -> tuple[int, int]:
     row = DailyTokenUsage.objects.filter(user_id=user_id).values_list("reserved", flat=True).first() or 0
     return row, TokenReservation.objects.filter(user_id=user_id).count()
+
+
+async def _nothing_held_or_counted(caller: Principal, limiter: RequestLimiter) -> None:
+    """Wait (bounded) until the caller holds no tokens and has no request counted this hour."""
+    for _ in range(100):
+        held, counted = await _reserved(caller.user_id), await limiter.peek(user_id=caller.user_id, limit=5)
+        if held == (0, 0) and counted.used == 0:
+            return
+        await asyncio.sleep(0.01)
+    assert (held, counted.used) == ((0, 0), 0)
 
 
 async def test_admitted_request_holds_tokens_and_counts_once(
@@ -105,6 +118,67 @@ async def test_hourly_refusal_releases_the_reservation(
     assert error.details["limit"] == 2
     assert await _reserved(caller.user_id) == (30, 2)  # the refused request's 40 came back
     assert (await limiter.peek(user_id=caller.user_id, limit=2)).used == 2
+
+
+async def test_without_redis_a_token_quota_refusal_is_not_counted_hourly_either(
+    principal: Callable[..., Principal], prefix: str
+) -> None:
+    limiter = RequestLimiter(redis_url="", key_prefix=prefix)  # the per-process window
+    caller = principal(requests_per_hour=2, tokens_per_day=100)
+    for _ in range(3):
+        with pytest.raises(ServiceError) as refused:
+            await admit(principal=caller, estimated_tokens=101, limiter=limiter)
+        assert refused.value.code == "token_quota_exceeded"
+    assert (await limiter.peek(user_id=caller.user_id, limit=2)).used == 0
+    assert [(await admit(principal=caller, estimated_tokens=10, limiter=limiter)).limit.used for _ in range(2)] == [
+        1,
+        2,
+    ]
+
+
+async def test_an_admission_cancelled_on_its_way_leaves_nothing_held_or_counted(
+    principal: Callable[..., Principal], limiter: RequestLimiter
+) -> None:
+    caller = principal(requests_per_hour=5)
+    for turns in range(6):  # cancelled at each point of its way: before, during and after the two checks
+        task = asyncio.ensure_future(admit(principal=caller, estimated_tokens=10, limiter=limiter))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            admission = await task
+        except asyncio.CancelledError:
+            continue
+        await database_sync_to_async(token_release)(reservation=admission.reservation)  # admitted before the cancel
+        await limiter.unhit(user_id=caller.user_id, state=admission.limit)
+    await _nothing_held_or_counted(caller, limiter)  # the undoing runs on in tasks of its own
+
+
+async def test_an_admission_cancelled_after_its_hourly_hit_takes_the_hit_back(
+    principal: Callable[..., Principal], limiter: RequestLimiter
+) -> None:
+    caller = principal(requests_per_hour=5)
+    first = await admit(principal=caller, estimated_tokens=10, limiter=limiter)  # the day's quota row exists
+    await database_sync_to_async(token_release)(reservation=first.reservation)
+    await limiter.unhit(user_id=caller.user_id, state=first.limit)
+    params = await database_sync_to_async(connections["default"].get_connection_params)()
+    params = {k: v for k, v in params.items() if k not in ("cursor_factory", "context")}  # Django's sync ones
+    async with await psycopg.AsyncConnection.connect(**params) as locker:
+        # Another transaction holds the row, so the reservation waits while the hourly hit counts.
+        await locker.execute("SELECT 1 FROM usage_dailytokenusage WHERE user_id = %s FOR UPDATE", [caller.user_id])
+        task = asyncio.ensure_future(admit(principal=caller, estimated_tokens=10, limiter=limiter))
+        for _ in range(200):
+            if (await limiter.peek(user_id=caller.user_id, limit=5)).used:
+                break
+            await asyncio.sleep(0.01)
+        assert (await limiter.peek(user_id=caller.user_id, limit=5)).used == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await locker.rollback()
+    await _nothing_held_or_counted(
+        caller, limiter
+    )  # the reservation is released and the hit taken back in tasks of their own
 
 
 def test_rate_limit_headers_describe_the_hourly_window() -> None:

@@ -132,6 +132,25 @@ async def test_peek_counts_nothing(limiter: RequestLimiter, clock: FakeClock) ->
     assert (state.used, state.remaining, state.reset_seconds, state.allowed) == (1, 4, 3600, True)
 
 
+async def test_unhit_takes_back_exactly_the_request_it_counted(limiter: RequestLimiter, clock: FakeClock) -> None:
+    clock.at(0)
+    first = await limiter.hit(user_id=3, limit=2)
+    clock.at(10)
+    second = await limiter.hit(user_id=3, limit=2)
+    refused = await limiter.hit(user_id=3, limit=2)
+    assert (first.counted_at, second.counted_at, refused.counted_at) == (T0, T0 + 10, None)
+
+    await limiter.unhit(user_id=3, state=refused)  # counted nothing: takes nothing back
+    assert (await limiter.peek(user_id=3, limit=2)).used == 2
+    await limiter.unhit(user_id=3, state=second)
+    state = await limiter.peek(user_id=3, limit=2)
+    # The first request is still counted, and the window's reset is still its edge (T0 + 3600).
+    assert (state.used, state.reset_seconds) == (1, 3591)
+    await limiter.unhit(user_id=3, state=second)  # already taken back: nothing more goes
+    assert (await limiter.peek(user_id=3, limit=2)).used == 1
+    assert (await limiter.hit(user_id=3, limit=2)).allowed
+
+
 async def test_window_is_per_user_and_survives_a_limit_change(limiter: RequestLimiter, clock: FakeClock) -> None:
     clock.at(0)
     for _ in range(3):
