@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from django.conf import settings
+from redis._parsers import _AsyncHiredisParser
 
 from accounts.principal import Principal
 from chatservice.redis_bounds import (
@@ -389,6 +390,17 @@ async def test_the_shared_window_has_no_per_command_socket_timeout(
     assert strategy is not None
     client = strategy.storage.bridge.get_connection()  # type: ignore[attr-defined]
     assert await socket_timeouts(client) == (None, REDIS_CONNECT_TIMEOUT_SECONDS)
+    await limiter.aclose()
+
+
+async def test_the_shared_window_reads_redis_replies_with_hiredis(make_limiter: Callable[..., RequestLimiter]) -> None:
+    limiter = make_limiter("redis")
+    assert (await limiter.hit(user_id=7, limit=5)).allowed
+    strategy = limiter._shared_strategy()
+    assert strategy is not None
+    pool = strategy.storage.bridge.get_connection().connection_pool  # type: ignore[attr-defined]
+    # redis-py reads replies with hiredis when it is installed (a requirement): a tenth less CPU per command.
+    assert [type(c._parser) for c in pool._available_connections] == [_AsyncHiredisParser]
     await limiter.aclose()
 
 
