@@ -1,4 +1,4 @@
-"""The one admission check every transport runs before the upstream call: daily tokens and requests per hour, at once."""
+"""The one admission check every transport runs before the upstream call: daily tokens and hourly requests, at once."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import dataclasses
 import logging
 import math
 import operator
@@ -344,8 +343,9 @@ class RequestLimiter:
             allowed, oldest, count = await storage.acquire_and_window(
                 item.key_for("user", str(user_id)), item.amount, item.get_expiry(), now
             )
-            state = self._limit_state(item, oldest + item.get_expiry(), count, allowed=allowed)
-            return dataclasses.replace(state, counted_at=now) if allowed else state
+            return self._limit_state(
+                item, oldest + item.get_expiry(), count, allowed=allowed, counted_at=now if allowed else None
+            )
 
         return await self._run(on)
 
@@ -402,7 +402,9 @@ class RequestLimiter:
         stats = await strategy.get_window_stats(item, "user", str(user_id))
         return self._limit_state(item, stats.reset_time, item.amount - stats.remaining, allowed=allowed)
 
-    def _limit_state(self, item: _UserWindow, reset_time: float, count: int, *, allowed: bool | None) -> LimitState:
+    def _limit_state(
+        self, item: _UserWindow, reset_time: float, count: int, *, allowed: bool | None, counted_at: float | None = None
+    ) -> LimitState:
         """The state of a window holding `count` requests whose oldest leaves it at `reset_time`."""
         limit = item.amount
         remaining = max(0, min(limit, limit - count))
@@ -414,6 +416,7 @@ class RequestLimiter:
             remaining=remaining,
             reset_seconds=reset,
             allowed=remaining > 0 if allowed is None else allowed,
+            counted_at=counted_at,
         )
 
     async def _run(self, operation: Callable[[MovingWindowRateLimiter], Awaitable[T]]) -> T:
