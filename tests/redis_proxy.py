@@ -12,11 +12,13 @@ from django.conf import settings
 
 class RedisProxy:
     """A loopback TCP forwarder to the test Redis that a test can cut and restore (a real outage),
-    or make hang: from `hung = True` on, what clients send is swallowed and never answered.
+    or make hang: from `hung = True` on, what clients send is swallowed and never answered; from
+    `replies_lost = True` on, Redis runs what clients send but its replies never reach them.
     `sent` counts the reads that carried clients' commands (how many times they wrote to Redis)."""
 
     def __init__(self) -> None:
         self.hung = False
+        self.replies_lost = False
         self.sent = 0
         parts = urlsplit(settings.REDIS_URL)
         self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
@@ -49,7 +51,7 @@ class RedisProxy:
             try:
                 while data := await src.read(65536):
                     self.sent += upstream
-                    if self.hung:
+                    if self.hung if upstream else self.replies_lost:
                         continue
                     dst.write(data)
                     await dst.drain()

@@ -91,8 +91,8 @@ async def _take_back(
     hit: asyncio.Future[LimitState], principal: Principal, limiter: RequestLimiter, *, at_once: bool
 ) -> None:
     """Undo the hourly hit of a request that was not reserved. A cancelled admission (`at_once`)
-    does not wait for the hit: one still on its way is cancelled, and one that has already counted
-    is taken back in a task of its own."""
+    does not wait for the hit: one still on its way is cancelled (and taken back by the limiter if
+    it reached Redis), and one that has already counted is taken back in a task of its own."""
     if at_once:
         if not hit.done():
             hit.cancel()
@@ -107,8 +107,8 @@ async def _take_back(
         state = await hit
         await limiter.unhit(user_id=principal.user_id, state=state)
     except Exception:
-        # Redis failed on both paths already falls back per process; anything else leaves the
-        # request counted, which can only make the hourly limit stricter.
+        # The limiter answers a Redis failure from its per-process window; anything else leaves the
+        # request counted, which only makes the hourly limit stricter.
         logger.warning("could not take back the hourly hit of a refused request", exc_info=True)
 
 

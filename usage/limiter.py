@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import math
 import operator
@@ -203,7 +204,9 @@ class _ClockedRedisStorage(RedisStorage):
         self.clock = clock
         self.slots = command_slots()
         self._acquire_and_window: AsyncScript | None = None
-        self._hits: Batches[tuple[str, float, int, int], tuple[bool, float, int]] = Batches(self._send_hits)
+        self._hits: Batches[tuple[str, float, int, int], tuple[bool, float, int]] = Batches(
+            self._send_hits, on_abandoned=self._forget_abandoned
+        )
 
     @property
     def _redispy(self) -> RedispyBridge:
@@ -240,6 +243,18 @@ class _ClockedRedisStorage(RedisStorage):
         bridge = self._redispy
         async with self.slots:
             await cast(Redis, bridge.get_connection()).lrem(bridge.prefixed_key(key), 1, repr(at))
+
+    async def _forget_abandoned(self, hit: tuple[str, float, int, int], result: tuple[bool, float, int] | None) -> None:
+        """A hit whose caller left while it was on its way (its admission cancelled, or its wait for
+        Redis timed out and the request was counted per process): taken back if it counted, or if it
+        may have (`result` unknown: the send was interrupted). Within the same bound as a hit; if
+        Redis fails meanwhile the hit stays counted there, which only makes the limit stricter."""
+        if result is not None and not result[0]:
+            return
+        key, now, _, _ = hit
+        with contextlib.suppress(*REDIS_ERRORS):
+            async with redis_deadline():
+                await self.forget_entry(key, now)
 
     async def _send_hits(
         self, hits: Sequence[tuple[str, float, int, int]]

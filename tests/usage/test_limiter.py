@@ -152,6 +152,38 @@ async def test_unhit_takes_back_exactly_the_request_it_counted(limiter: RequestL
     assert (await limiter.hit(user_id=3, limit=2)).allowed
 
 
+async def test_a_hit_cancelled_after_it_reached_redis_is_taken_back(
+    make_limiter: Callable[..., RequestLimiter],
+) -> None:
+    """A request cancelled while its hit is on its way (the client left during admission) is not
+    counted, even when Redis ran the script and only its reply was still to come."""
+    proxy = RedisProxy()
+    await proxy.start()
+    through_proxy = make_limiter("redis", redis_url=proxy.url)
+    direct = make_limiter("redis")
+    await through_proxy.hit(user_id=9, limit=5)  # connected, the script loaded
+    await direct.clear(user_id=9)
+    proxy.replies_lost = True
+    hit = asyncio.ensure_future(through_proxy.hit(user_id=9, limit=5))
+    for _ in range(200):
+        if (await direct.peek(user_id=9, limit=5)).used:
+            break
+        await asyncio.sleep(0.01)
+    assert (await direct.peek(user_id=9, limit=5)).used == 1  # Redis counted it; the answer is lost
+    proxy.replies_lost = False
+    hit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await hit
+    for _ in range(200):
+        if not (await direct.peek(user_id=9, limit=5)).used:
+            break
+        await asyncio.sleep(0.01)
+    assert (await direct.peek(user_id=9, limit=5)).used == 0
+    await through_proxy.aclose()
+    await direct.aclose()
+    await proxy.stop()
+
+
 async def test_window_is_per_user_and_survives_a_limit_change(limiter: RequestLimiter, clock: FakeClock) -> None:
     clock.at(0)
     for _ in range(3):
