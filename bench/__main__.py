@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import processes, report
+from bench import calibration, processes, report
 from bench.run import RunOptions, run
 from bench.scenarios import SCENARIOS, scenario_names, select
 from bench.stores import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ROOT
@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         litellm_python=args.litellm_python,
         users=args.users,
     )
+    core = processes.GATEWAY_CORE if processes.can_pin() else None
+    reference_before = calibration.reference_ms(core)  # the machine's speed now (bench/calibration.py)
     systems = run(options)
+    reference_after = calibration.reference_ms(core)
     meta = {
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "duration_seconds": round(time.monotonic() - clock, 1),
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "servers": servers,
         "users": args.users,
         "pinned": processes.can_pin(),
+        "cpu_reference_ms": [reference_before, reference_after],
         **report.machine(),
     }
     json_path, text = report.write(scenarios, systems, meta, args.results_dir)

@@ -160,7 +160,7 @@ def markdown(scenarios: list[Scenario], systems: list[SystemResult], meta: dict[
         f"Machine: {meta['cpus']} CPUs, {meta['cpu_model']}; Python {meta['python']}. "
         f"Servers: {', '.join(meta['servers'])}. {'Quick run (counts scaled down). ' if meta['quick'] else ''}"
         f"The gateway's requests come from {_users(meta.get('users', 1))}. "
-        f"{PINNED if meta['pinned'] else 'Not pinned.'}",
+        f"{PINNED if meta['pinned'] else 'Not pinned.'}{_reference(meta.get('cpu_reference_ms'))}",
         "",
         'Latency and TTFT are p50 / p90 / p99 in ms; "added" is the system\'s p50 minus the direct p50; '
         "req/s is direct / system; errors direct / system; memory is the system's RSS before → peak → after, "
@@ -197,6 +197,17 @@ def markdown(scenarios: list[Scenario], systems: list[SystemResult], meta: dict[
     if notes:
         lines += ["", "Notes:", "", *notes]
     return "\n".join(lines) + "\n"
+
+
+def _reference(reference: list[float | None] | None) -> str:
+    """The machine's speed before and after the run (bench/calibration.py), when it was taken."""
+    if not reference or all(ms is None for ms in reference):
+        return ""
+    before, after = (f"{ms:.1f} ms" if ms is not None else "-" for ms in reference)
+    return (
+        f" CPU reference (a fixed piece of Python work on the system's core; lower is a faster machine):"
+        f" {before} before the run, {after} after."
+    )
 
 
 def _tails(table: list[Row]) -> list[str]:

@@ -13,6 +13,7 @@ import openai
 import orjson
 import pytest
 
+from bench import calibration
 from bench.load import StreamScanner, Target, run_load
 from bench.mock_upstream import MockSpec, MockUpstream, parse_spec, reply_text, spec_for
 from bench.report import markdown, verdict
@@ -399,3 +400,15 @@ def test_litellm_runs_without_a_database_whatever_the_shell_exports(monkeypatch:
     env = litellm_env()
     assert not {"DATABASE_URL", "DIRECT_URL", "DATABASE_HOST", "OPENAI_API_KEY"} & env.keys()
     assert env["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+
+
+def test_the_report_gives_the_machines_speed_before_and_after_the_run() -> None:
+    """A fixed piece of work, timed pinned to the system's core, tells a slow phase of a shared machine."""
+    taken = calibration.reference_ms(1 if (os.cpu_count() or 1) >= 2 else None)  # a fresh interpreter, pinned
+    assert taken is not None and taken > 0
+    assert calibration.workload(3) == calibration.workload(3) > 0  # the same work every time
+    meta = {"started": "now", "cpus": 2, "cpu_model": "x", "python": "3", "servers": ["uvicorn"], "quick": True}
+    scenario = select(["nonstream-c1"], quick=True)[0]
+    text = markdown([scenario], [], {**meta, "pinned": True, "cpu_reference_ms": [taken, None]})
+    assert f"lower is a faster machine): {taken:.1f} ms before the run, - after." in text
+    assert "CPU reference" not in markdown([scenario], [], {**meta, "pinned": True, "cpu_reference_ms": [None, None]})
