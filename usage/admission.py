@@ -69,7 +69,7 @@ async def admit(*, principal: Principal, estimated_tokens: int, limiter: Request
             user_id=principal.user_id, limit=principal.tokens_per_day, tokens=estimated_tokens
         )
     except BaseException as exc:
-        await _take_back(hit, principal, limiter, at_once=not isinstance(exc, Exception))
+        await _take_back(hit, principal, limiter, cancelled=not isinstance(exc, Exception))
         if isinstance(exc, _DATABASE_DOWN):
             raise database_unavailable() from exc
         if isinstance(exc, ServiceError):
@@ -88,20 +88,13 @@ async def admit(*, principal: Principal, estimated_tokens: int, limiter: Request
 
 
 async def _take_back(
-    hit: asyncio.Future[LimitState], principal: Principal, limiter: RequestLimiter, *, at_once: bool
+    hit: asyncio.Future[LimitState], principal: Principal, limiter: RequestLimiter, *, cancelled: bool
 ) -> None:
-    """Undo the hourly hit of a request that was not reserved. A cancelled admission (`at_once`)
-    does not wait for the hit: one still on its way is cancelled (and taken back by the limiter if
-    it reached Redis), and one that has already counted is taken back in a task of its own."""
-    if at_once:
-        if not hit.done():
-            hit.cancel()
-            return
-        if hit.cancelled() or hit.exception() is not None or not hit.result().allowed:
-            return
-        undo = asyncio.ensure_future(limiter.unhit(user_id=principal.user_id, state=hit.result()))
-        _undoing.add(undo)
-        undo.add_done_callback(_undone)
+    """Undo the hourly hit of a request that was not reserved, before its refusal is answered. A
+    cancelled admission does not wait for a hit still on its way: it is cancelled, and the limiter
+    takes it back if it reached Redis (`_ClockedRedisStorage._forget_abandoned`)."""
+    if cancelled and not hit.done():
+        hit.cancel()
         return
     try:
         state = await hit
@@ -110,15 +103,6 @@ async def _take_back(
         # The limiter answers a Redis failure from its per-process window; anything else leaves the
         # request counted, which only makes the hourly limit stricter.
         logger.warning("could not take back the hourly hit of a refused request", exc_info=True)
-
-
-_undoing: set[asyncio.Future[None]] = set()  # hits being taken back after a cancelled admission
-
-
-def _undone(undo: asyncio.Future[None]) -> None:
-    _undoing.discard(undo)
-    if not undo.cancelled() and undo.exception() is not None:
-        logger.warning("could not take back the hourly hit of a cancelled request", exc_info=undo.exception())
 
 
 def _count_refusal(principal: Principal, limit: str) -> None:
