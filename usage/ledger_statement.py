@@ -47,8 +47,8 @@ def _json(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj, default=_json).decode()
+def _dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj, default=_json)  # bytes: psycopg sends them as they are (a str it would encode)
 
 
 @dataclass(frozen=True, slots=True)
