@@ -86,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         litellm_python=args.litellm_python,
         users=args.users,
     )
-    core = processes.GATEWAY_CORE if processes.can_pin() else None
-    reference_before = calibration.reference_ms(core)  # the machine's speed now (bench/calibration.py)
+    pinned = processes.can_pin()
+    core, other_core = (processes.GATEWAY_CORE, processes.MOCK_CORE) if pinned else (None, None)
+    reference_before = calibration.reference(core, other_core)  # the machine's speed now (bench/calibration.py)
     systems = run(options)
-    reference_after = calibration.reference_ms(core)
+    reference_after = calibration.reference(core, other_core)
     meta = {
         "started": started.strftime("%Y-%m-%d %H:%M UTC"),
         "duration_seconds": round(time.monotonic() - clock, 1),
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         "servers": servers,
         "users": args.users,
         "pinned": processes.can_pin(),
-        "cpu_reference_ms": [reference_before, reference_after],
+        "cpu_reference_ms": [reference_before.cpu_ms, reference_after.cpu_ms],
+        "loopback_reference_us": [reference_before.loopback_us, reference_after.loopback_us],
         **report.machine(),
     }
     json_path, text = report.write(scenarios, systems, meta, args.results_dir)

@@ -160,7 +160,8 @@ def markdown(scenarios: list[Scenario], systems: list[SystemResult], meta: dict[
         f"Machine: {meta['cpus']} CPUs, {meta['cpu_model']}; Python {meta['python']}. "
         f"Servers: {', '.join(meta['servers'])}. {'Quick run (counts scaled down). ' if meta['quick'] else ''}"
         f"The gateway's requests come from {_users(meta.get('users', 1))}. "
-        f"{PINNED if meta['pinned'] else 'Not pinned.'}{_reference(meta.get('cpu_reference_ms'))}",
+        f"{PINNED if meta['pinned'] else 'Not pinned.'}"
+        f"{_reference(meta.get('cpu_reference_ms'), meta.get('loopback_reference_us'))}",
         "",
         'Latency and TTFT are p50 / p90 / p99 in ms; "added" is the system\'s p50 minus the direct p50; '
         "req/s is direct / system; errors direct / system; memory is the system's RSS before → peak → after, "
@@ -199,15 +200,22 @@ def markdown(scenarios: list[Scenario], systems: list[SystemResult], meta: dict[
     return "\n".join(lines) + "\n"
 
 
-def _reference(reference: list[float | None] | None) -> str:
+def _reference(cpu: list[float | None] | None, loopback: list[float | None] | None = None) -> str:
     """The machine's speed before and after the run (bench/calibration.py), when it was taken."""
-    if not reference or all(ms is None for ms in reference):
-        return ""
-    before, after = (f"{ms:.1f} ms" if ms is not None else "-" for ms in reference)
-    return (
-        f" CPU reference (a fixed piece of Python work on the system's core; lower is a faster machine):"
-        f" {before} before the run, {after} after."
-    )
+    text = ""
+    if cpu and any(ms is not None for ms in cpu):
+        before, after = (f"{ms:.1f} ms" if ms is not None else "-" for ms in cpu)
+        text += (
+            f" CPU reference (a fixed piece of Python work on the system's core; lower is a faster machine):"
+            f" {before} before the run, {after} after."
+        )
+    if loopback and any(us is not None for us in loopback):
+        before, after = (f"{us:.1f} µs" if us is not None else "-" for us in loopback)
+        text += (
+            f" Loopback reference (a 100-byte TCP round trip from the system's core to an echo on the other;"
+            f" lower is faster): {before} before the run, {after} after."
+        )
+    return text
 
 
 def _tails(table: list[Row]) -> list[str]:

@@ -403,12 +403,26 @@ def test_litellm_runs_without_a_database_whatever_the_shell_exports(monkeypatch:
 
 
 def test_the_report_gives_the_machines_speed_before_and_after_the_run() -> None:
-    """A fixed piece of work, timed pinned to the system's core, tells a slow phase of a shared machine."""
-    taken = calibration.reference_ms(1 if (os.cpu_count() or 1) >= 2 else None)  # a fresh interpreter, pinned
-    assert taken is not None and taken > 0
+    """A fixed piece of work and a loopback round trip, timed pinned to the system's core, tell a slow
+    phase of a shared machine."""
+    pinned = (os.cpu_count() or 1) >= 2
+    taken = calibration.reference(1 if pinned else None, 0 if pinned else None)  # a fresh interpreter
+    assert taken.cpu_ms is not None and taken.cpu_ms > 0
+    assert taken.loopback_us is not None and taken.loopback_us > 0
     assert calibration.workload(3) == calibration.workload(3) > 0  # the same work every time
     meta = {"started": "now", "cpus": 2, "cpu_model": "x", "python": "3", "servers": ["uvicorn"], "quick": True}
     scenario = select(["nonstream-c1"], quick=True)[0]
-    text = markdown([scenario], [], {**meta, "pinned": True, "cpu_reference_ms": [taken, None]})
-    assert f"lower is a faster machine): {taken:.1f} ms before the run, - after." in text
-    assert "CPU reference" not in markdown([scenario], [], {**meta, "pinned": True, "cpu_reference_ms": [None, None]})
+    text = markdown(
+        [scenario],
+        [],
+        {
+            **meta,
+            "pinned": True,
+            "cpu_reference_ms": [taken.cpu_ms, None],
+            "loopback_reference_us": [None, taken.loopback_us],
+        },
+    )
+    assert f"lower is a faster machine): {taken.cpu_ms:.1f} ms before the run, - after." in text
+    assert f"lower is faster): - before the run, {taken.loopback_us:.1f} µs after." in text
+    bare = markdown([scenario], [], {**meta, "pinned": True, "cpu_reference_ms": [None, None]})
+    assert "CPU reference" not in bare and "Loopback reference" not in bare
