@@ -17,7 +17,8 @@ an exception is raised to that item's caller alone. If `send` raises, every call
 gets the exception. A caller that leaves (is cancelled) while its item is on its way does not
 see the result; `on_abandoned` gets the item and its result, to undo what it did: the result is
 None when the caller was sending the item itself, and `send` stopped (for a Postgres statement:
-psycopg cancels it on the server and waits for it to end, so it has either committed or not).
+`chatservice.async_db` cancels it on the server and waits for it to end, so it has either
+committed or not).
 """
 
 from __future__ import annotations

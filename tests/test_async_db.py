@@ -15,7 +15,7 @@ from django.db import IntegrityError, OperationalError, connection, connections
 from django.forms.models import model_to_dict
 from django.test import override_settings
 
-from chatservice.async_db import AsyncStatements, statements
+from chatservice.async_db import AsyncStatements, _asyncpg_params, statements
 from chatservice.db import db_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -90,19 +90,29 @@ async def test_statements_that_need_not_wait_for_the_disk_run_on_connections_of_
     assert relaxed[2] != durable[2]
 
 
-async def test_a_broken_connection_fails_its_statement_once_and_every_idle_one_is_dropped(
-    db: AsyncStatements,
-) -> None:
+async def test_idle_connections_a_restart_ended_cost_no_request(db: AsyncStatements) -> None:
     first = await asyncio.gather(*(db.fetchone("SELECT pg_backend_pid(), pg_sleep(0.02)", {}) for _ in range(3)))
     idle = {row[0] for row in first if row is not None}
     assert len(idle) == 3
     for pid in idle:  # a restart ends every connection
         await terminate(pid)
-    await asyncio.sleep(0.05)
-    with pytest.raises(OperationalError):  # Django's error class, not psycopg's
-        await backend_pid(db)
-    replaced = await backend_pid(db)  # not another dead one: the idle ones were dropped with the first
+    await asyncio.sleep(0.05)  # the loop sees their sockets close
+    replaced = await backend_pid(db)  # no error: none of the dead ones is handed out
     assert replaced not in idle
+    assert await backend_pid(db) == replaced
+
+
+async def test_a_connection_broken_mid_statement_fails_that_statement_with_djangos_error(
+    db: AsyncStatements,
+) -> None:
+    pid = await backend_pid(db)
+    running = asyncio.ensure_future(db.fetchone("SELECT pg_backend_pid(), pg_sleep(5)", {}))
+    await asyncio.sleep(0.2)
+    await terminate(pid)
+    with pytest.raises(OperationalError):  # Django's error class, not the driver's
+        await asyncio.wait_for(running, timeout=5)
+    replaced = await backend_pid(db)
+    assert replaced != pid
     assert await backend_pid(db) == replaced
 
 
@@ -207,17 +217,57 @@ async def test_the_ledger_write_is_retried_once_on_a_broken_connection_and_never
     reservation = await db_async(token_reserve)(user_id=user.pk, limit=10_000, tokens=100, now=NOON)
     outcome = _outcome(user.pk, reservation)
 
-    await terminate(await backend_pid(statements))
-    await asyncio.sleep(0.05)
-    record = await usage_write(outcome)  # the first try fails on the dead connection, the second writes
+    # The write's connection breaks while the statement runs (it waits for the day's row, held here).
+    async with statements._connection(True) as holder, holder.transaction():
+        await holder.execute("SELECT 1 FROM usage_dailytokenusage WHERE user_id = $1 FOR UPDATE", user.pk)
+        writing = asyncio.ensure_future(usage_write(outcome))
+        waiting: list[int] = []
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            waiting = [
+                row["pid"]
+                for row in await holder.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%held AS%'"
+                )
+            ]
+            if waiting:
+                break
+        assert len(waiting) == 1
+        await terminate(waiting[0])
+        await asyncio.sleep(0.1)
+    record = await asyncio.wait_for(writing, timeout=10)  # the first try failed, the second wrote
 
-    # The connection breaks again after a write that did commit: the retry finds the record, adds nothing.
-    await terminate(await backend_pid(statements))
-    await asyncio.sleep(0.05)
+    # The same request written again (a retry after a write that did commit): it finds the record, adds nothing.
     again = await usage_write(outcome)
 
     assert again.pk == record.pk
-    assert sum("retrying on a fresh connection" in r.getMessage() for r in caplog.records) == 2
+    assert sum("retrying on a fresh connection" in r.getMessage() for r in caplog.records) == 1
     day = await db_async(DailyTokenUsage.objects.get)(user_id=user.pk, day=NOON.date())
     assert (day.used, day.reserved) == (42, 0)
     assert await db_async(UsageRecord.objects.filter(user_id=user.pk).count)() == 1
+
+
+def test_djangos_connection_parameters_reach_asyncpg_as_libpq_would_read_them() -> None:
+    """The database, the user, SSL and server settings of Django's DATABASES reach the request
+    path's connections; psycopg's own parameters do not, and the statement cache follows
+    DB_PREPARED_STATEMENTS."""
+    django_params = {
+        "dbname": "ledger",
+        "user": "chat",
+        "password": "secret",
+        "host": "db.internal",
+        "port": "6432",
+        "sslmode": "verify-full",
+        "sslrootcert": "/etc/ssl/db.pem",
+        "connect_timeout": "5",
+        "options": "-c statement_timeout=5000 -cwork_mem=8MB",
+        "client_encoding": "UTF8",
+        "prepare_threshold": None,
+    }
+    params = _asyncpg_params(django_params, synchronous_commit=False, prepared=False)
+    assert params["dsn"] == "postgresql://?sslmode=verify-full&sslrootcert=%2Fetc%2Fssl%2Fdb.pem"
+    assert (params["database"], params["user"], params["password"]) == ("ledger", "chat", "secret")
+    assert (params["host"], params["port"], params["timeout"]) == ("db.internal", 6432, 5.0)
+    assert params["server_settings"] == {"statement_timeout": "5000", "work_mem": "8MB", "synchronous_commit": "off"}
+    assert params["statement_cache_size"] == 0
+    assert _asyncpg_params({"dbname": "ledger"}, synchronous_commit=True, prepared=True)["statement_cache_size"] > 0

@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 import pytest
 from django.db import DataError
 
@@ -93,14 +94,21 @@ async def test_a_run_whose_caller_left_while_sending_it_is_stopped_and_handed_ba
     async def undo(params: Mapping[str, Any], row: Any) -> None:
         abandoned.append((dict(params), row))
 
+    pid_row = await statements.fetchone("SELECT pg_backend_pid()", {})  # the idle connection the run will take
+    assert pid_row is not None
+    watcher = await asyncpg.connect(**statements._connection_params(statements.database)[0])
     batches = StatementBatches(SLOW, on_abandoned=undo)
     leaving = asyncio.create_task(batches.fetchone({"d": 1, "s": 5}))
     await asyncio.sleep(0.1)
+    state = "SELECT state FROM pg_stat_activity WHERE pid = $1"
+    assert await watcher.fetchval(state, pid_row[0]) == "active"
     started = time.monotonic()
     leaving.cancel()
     with pytest.raises(asyncio.CancelledError):
         await leaving
     assert time.monotonic() - started < 2  # the statement was cancelled on the server, not waited for
+    assert await watcher.fetchval(state, pid_row[0]) == "idle"  # and had ended when the cancellation went on
+    await watcher.close()
     await batches.drained()
     assert abandoned == [({"d": 1, "s": 5}, None)]
 
@@ -143,9 +151,7 @@ async def test_batches_lock_their_rows_in_one_order_so_two_at_once_never_deadloc
     monkeypatch.setattr(statements, "fetchone", spy)
     one, two = {"user_id": first, "day": day}, {"user_id": second, "day": day}
     async with statements._connection(True) as blocker, blocker.transaction():
-        await blocker.execute(
-            "SELECT 1 FROM usage_dailytokenusage WHERE user_id IN (%s, %s) FOR UPDATE", (first, second)
-        )
+        await blocker.execute("SELECT 1 FROM usage_dailytokenusage WHERE user_id IN ($1, $2) FOR UPDATE", first, second)
         # Two batches as the batching would send them, one row each first (their own connections).
         sends = [asyncio.ensure_future(batches._send(order)) for order in ([one, two], [two, one])]
         await asyncio.sleep(0.3)  # both are waiting for the blocked rows

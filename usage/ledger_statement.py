@@ -22,7 +22,6 @@ from typing import Any
 import orjson
 from django.db import DatabaseError, connection
 from django.db.models import Field, Model
-from psycopg.types.json import Jsonb
 
 from chat.models import Conversation, Message
 from chatservice.async_db import statements
@@ -47,8 +46,8 @@ def _json(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj, default=_json)  # bytes: psycopg sends them as they are (a str it would encode)
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj, default=_json).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +83,10 @@ def _table(model: type[Model], param: str) -> _Table:
     names = ", ".join(quote(str(f.column)) for f in fields)
     table = quote(opts.db_table)
     return _Table(
-        sql=f"INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, %({param})s)",
+        sql=(
+            f"INSERT INTO {table} ({names}) SELECT {names}"
+            f" FROM jsonb_populate_recordset(NULL::{table}, %({param})s::jsonb)"
+        ),
         columns=tuple((str(f.column), _reader(f), f.get_prep_value) for f in fields),
     )
 
@@ -92,7 +94,7 @@ def _table(model: type[Model], param: str) -> _Table:
 def _insert(objs: Sequence[Model], param: str, params: dict[str, Any]) -> str:
     """The insert of `objs` (instances of one model); their rows go into `params[param]`."""
     table = _table(type(objs[0]), param)
-    params[param] = Jsonb(table.rows(objs), dumps=_dumps)
+    params[param] = _dumps(table.rows(objs))
     return table.sql
 
 
@@ -101,10 +103,10 @@ def _insert(objs: Sequence[Model], param: str, params: dict[str, Any]) -> str:
 # before the insert meets (and locks) the existing row. Read only in the SET, `held` ran after
 # that lock, and a write settling a reservation the reaper had just deleted deadlocked with it.
 _SETTLE_CTES = (
-    "held AS (DELETE FROM usage_tokenreservation WHERE id = %(reservation_id)s RETURNING tokens)",
+    "held AS (DELETE FROM usage_tokenreservation WHERE id = %(reservation_id)s::uuid RETURNING tokens)",
     """day_row AS (
     INSERT INTO usage_dailytokenusage (user_id, day, used, reserved)
-    SELECT %(user_id)s, %(day)s, %(actual)s, 0 FROM (SELECT count(*) FROM held) AS held_first
+    SELECT %(user_id)s::bigint, %(day)s::date, %(actual)s::bigint, 0 FROM (SELECT count(*) FROM held) AS held_first
     ON CONFLICT (user_id, day) DO UPDATE
         SET used = usage_dailytokenusage.used + EXCLUDED.used,
             reserved = usage_dailytokenusage.reserved - COALESCE((SELECT SUM(tokens) FROM held), 0))""",
@@ -120,7 +122,10 @@ def _statement_sql(conversation: str) -> str:
         ctes.append(f"conversation AS ({_table(Conversation, 'conversation').sql})")
     elif conversation == "touched":
         table = statements.database.ops.quote_name(Conversation._meta.db_table)
-        ctes.append(f"conversation AS (UPDATE {table} SET updated_at = %(touched_at)s WHERE id = %(conversation_id)s)")
+        ctes.append(
+            f"conversation AS (UPDATE {table} SET updated_at = %(touched_at)s::timestamptz"
+            " WHERE id = %(conversation_id)s::uuid)"
+        )
     if conversation != "none":
         ctes.append(f"messages AS ({_table(Message, 'messages').sql})")
     pk = statements.database.ops.quote_name(str(UsageRecord._meta.pk.column))

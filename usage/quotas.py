@@ -110,19 +110,25 @@ def _reap_rows(rows: list[tuple[uuid.UUID, int, date, int]]) -> int:
 # Postgres: the day's row is created or guarded-updated and the reservation inserted in ONE
 # statement (one round trip, atomic on its own). ON CONFLICT DO UPDATE locks the row and applies
 # the WHERE guard, so `used + reserved <= limit` holds however many requests race; a refused
-# reservation returns no row and inserts nothing.
+# reservation inserts nothing and returns one row all the same, its id NULL (one row a run, so a
+# batch of runs maps its rows back to them one to one).
 _RESERVE_SQL = """
 WITH day_row AS (
     INSERT INTO usage_dailytokenusage (user_id, day, used, reserved)
-    SELECT %(user_id)s, %(day)s, 0, %(tokens)s WHERE %(tokens)s <= %(limit)s
+    SELECT %(user_id)s::bigint, %(day)s::date, 0, %(tokens)s::bigint WHERE %(tokens)s::bigint <= %(limit)s::bigint
     ON CONFLICT (user_id, day) DO UPDATE
         SET reserved = usage_dailytokenusage.reserved + EXCLUDED.reserved
-        WHERE usage_dailytokenusage.used + usage_dailytokenusage.reserved + EXCLUDED.reserved <= %(limit)s
+        WHERE usage_dailytokenusage.used + usage_dailytokenusage.reserved + EXCLUDED.reserved <= %(limit)s::bigint
     RETURNING 1
+),
+held AS (
+    INSERT INTO usage_tokenreservation (id, user_id, day, tokens, created_at, expires_at)
+    SELECT %(id)s::uuid, %(user_id)s::bigint, %(day)s::date, %(tokens)s::bigint, %(now)s::timestamptz,
+        %(expires_at)s::timestamptz
+    FROM day_row
+    RETURNING id
 )
-INSERT INTO usage_tokenreservation (id, user_id, day, tokens, created_at, expires_at)
-SELECT %(id)s, %(user_id)s, %(day)s, %(tokens)s, %(now)s, %(expires_at)s FROM day_row
-RETURNING id
+SELECT (SELECT id FROM held)
 """
 
 
@@ -141,7 +147,8 @@ def _reserve_params(reservation: Reservation, *, limit: int, now: datetime) -> d
 def _reserve_in_one_statement(reservation: Reservation, *, limit: int, now: datetime) -> bool:
     with connection.cursor() as cursor:
         cursor.execute(_RESERVE_SQL, _reserve_params(reservation, limit=limit, now=now))
-        return cursor.fetchone() is not None
+        row = cursor.fetchone()
+        return row is not None and row[0] is not None
 
 
 def _reap_expired_for(*, user_id: int, day: date, now: datetime) -> int:
@@ -198,7 +205,8 @@ async def token_areserve(*, user_id: int, limit: int, tokens: int) -> Reservatio
     if statements.available:
         now = timezone.now()
         reservation = Reservation(id=uuid.uuid4(), user_id=user_id, day=now.date(), tokens=tokens)
-        if await _reservations.fetchone(_reserve_params(reservation, limit=limit, now=now)) is not None:
+        row = await _reservations.fetchone(_reserve_params(reservation, limit=limit, now=now))
+        if row is not None and row[0] is not None:  # the statement's one row: the reservation's id, or NULL
             return reservation
     return await db_async(token_reserve)(user_id=user_id, limit=limit, tokens=tokens)
 
