@@ -156,7 +156,7 @@ class AsyncStatements:
             async with pooled.slot:
                 conn = await pooled.take()
                 if conn is None:
-                    conn = await asyncpg.connect(**connect_kwargs)
+                    conn = await _connect(connect_kwargs)
                 try:
                     yield conn
                 except (asyncpg.PostgresConnectionError, OSError):
@@ -188,6 +188,15 @@ class AsyncStatements:
                 database.get_connection_params(), synchronous_commit, bool(settings.DB_PREPARED_STATEMENTS)
             )
         return params, key
+
+
+async def _connect(connect_kwargs: dict[str, Any]) -> asyncpg.Connection:
+    """A new connection; any failure to get one is Django's OperationalError, as with psycopg
+    (a refused port, an unknown database, a rejected login, a server starting up)."""
+    try:
+        return await asyncpg.connect(**connect_kwargs)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise OperationalError(f"could not connect to the database: {exc}") from exc
 
 
 def _asyncpg_params(django_params: Mapping[str, Any], synchronous_commit: bool, prepared: bool) -> dict[str, Any]:

@@ -143,6 +143,20 @@ async def test_a_database_that_is_down_fails_at_once(db: AsyncStatements) -> Non
     assert await backend_pid(db) > 0  # and back, on connections to the right port
 
 
+async def test_a_database_that_does_not_exist_is_down_to_callers(db: AsyncStatements) -> None:
+    """As with psycopg, any failure to connect is an OperationalError (what admission and the ledger
+    write treat as the database being down), not the server's error class for the cause."""
+    config = connections["default"].settings_dict
+    name = config["NAME"]
+    config["NAME"] = "no_such_database"
+    try:
+        with pytest.raises(OperationalError):
+            await asyncio.wait_for(backend_pid(db), timeout=5)
+    finally:
+        config["NAME"] = name
+    assert await backend_pid(db) > 0
+
+
 async def test_a_refused_statement_raises_djangos_error_and_leaves_its_connection_usable(
     db: AsyncStatements,
 ) -> None:
