@@ -121,14 +121,14 @@ WITH day_row AS (
         WHERE usage_dailytokenusage.used + usage_dailytokenusage.reserved + EXCLUDED.reserved <= %(limit)s::bigint
     RETURNING 1
 ),
-held AS (
+reservation AS (
     INSERT INTO usage_tokenreservation (id, user_id, day, tokens, created_at, expires_at)
     SELECT %(id)s::uuid, %(user_id)s::bigint, %(day)s::date, %(tokens)s::bigint, %(now)s::timestamptz,
         %(expires_at)s::timestamptz
     FROM day_row
     RETURNING id
 )
-SELECT (SELECT id FROM held)
+SELECT (SELECT id FROM reservation)
 """
 
 
