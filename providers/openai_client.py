@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 import orjson
@@ -93,6 +96,22 @@ class _AioHttpClient(openai.DefaultAioHttpClient):
         return super().build_request(method, url, **kwargs)
 
 
+def _body_reader(response: httpx2.Response) -> aiohttp.StreamReader | None:
+    """The aiohttp body under `response`, when it can be read as it came: the SDK's aiohttp
+    transport answered and the body has no content encoding (httpx decodes one). Else None, and the
+    body is read through httpx (`aiter_bytes`), as before.
+
+    httpx's stream around aiohttp's is three async generators, a decoder and a chunker that each
+    read passes through, about a fourteenth of the gateway's CPU for a relayed chunk (bench/README.md).
+    The transport's response is the SDK's own, so its errors are aiohttp's, which `_map_error` maps.
+    """
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        return None
+    transport_stream = getattr(response.stream, "_stream", None)  # under httpx's BoundAsyncStream
+    content = getattr(getattr(transport_stream, "_aiohttp_response", None), "content", None)
+    return content if isinstance(content, aiohttp.StreamReader) else None
+
+
 class OpenAIProvider:
     """OpenAI's chat completions API through the official SDK (`name` is "openai" or "deepseek").
 
@@ -102,6 +121,11 @@ class OpenAIProvider:
     The transport is the SDK's aiohttp one (`DefaultAioHttpClient`, the `openai[aiohttp]`
     extra): httpx's own connection pool and HTTP/1.1 parser cost about twice its CPU per call
     (bench/README.md).
+
+    `timeout` bounds connecting, sending the request and waiting for the response's headers. A
+    stream's silence after them is the router's to judge (FIRST_TOKEN_TIMEOUT_SECONDS and
+    STREAM_IDLE_TIMEOUT_SECONDS, one timer per stream): the SDK's read timeout is off for the
+    stream, or aiohttp would cancel and set a timer again for every read of every open stream.
     """
 
     def __init__(self, *, name: str, api_key: str, base_url: str, timeout: float) -> None:
@@ -115,6 +139,8 @@ class OpenAIProvider:
         )
         # Absolute, so the SDK does not merge a relative path into its base URL on every call.
         self._completions_url = f"{self._client.base_url}chat/completions"
+        self._timeout = timeout
+        self._stream_timeout = openai.Timeout(timeout, read=None)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Event]:
         """Start, Deltas, Usage (only when the upstream reported it), Finish; or a ProviderError.
@@ -126,9 +152,15 @@ class OpenAIProvider:
         state = _StreamState()
         pending = b""
         try:
-            response = await self._open(request)
+            async with asyncio.timeout(self._timeout):  # to the response's headers (see the class)
+                response = await self._open(request)
             try:
-                async for data in response.aiter_bytes():
+                reader = _body_reader(response)
+                read = reader.readany if reader is not None else functools.partial(anext, response.aiter_bytes(), b"")
+                while True:
+                    data = await read()
+                    if not data:
+                        break  # the end of the body
                     lines = (pending + data).split(b"\n")
                     pending = lines.pop()
                     # The text of every chunk in this read goes on as one Delta: a burst (an
@@ -228,9 +260,9 @@ class OpenAIProvider:
             cast_to=httpx2.Response,
             content=body,
             options=(
-                {"headers": _NO_TELEMETRY, "idempotency_key": request.request_id}
+                {"headers": _NO_TELEMETRY, "timeout": self._stream_timeout, "idempotency_key": request.request_id}
                 if request.request_id
-                else {"headers": _NO_TELEMETRY}
+                else {"headers": _NO_TELEMETRY, "timeout": self._stream_timeout}
             ),
             stream=True,
         )

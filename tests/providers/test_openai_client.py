@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import socket
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import cast
 
+import aiohttp
 import httpx2
 import orjson
 import pytest
@@ -31,13 +34,14 @@ from providers.base import (
     Start,
     Usage,
 )
-from providers.openai_client import OpenAIProvider, _AioHttpClient
+from providers.openai_client import OpenAIProvider, _AioHttpClient, _body_reader
 from providers.registry import SANDBOX_KEY, registry
 from providers.sandbox.faults import DEFAULT_REPLY_TOKENS, SandboxState, count_prompt_tokens, reply_tokens
 from providers.sandbox.openai_wire import REASONING_TOKENS
 from tests.sandbox_server import BackgroundServer
 
 SYSTEM = "You are terse."
+_Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def make_request(text: str, *, model: str = "gpt-4o-mini", max_tokens: int = 256, **extra: object) -> ProviderRequest:
@@ -301,6 +305,51 @@ async def test_hang_with_a_short_timeout_is_a_timeout(sandbox: SandboxState, san
     assert error.retryable
 
 
+async def test_the_timeout_bounds_the_wait_for_headers_not_the_gaps_between_chunks(
+    sandbox: SandboxState, sandbox_server: BackgroundServer
+) -> None:
+    """Chunks 0.6 s apart under a 0.3 s timeout all arrive: a stream's silence is the router's to
+    judge (one timer per stream), not an SDK read timeout set again on every read."""
+    prompt = "paced [[tokens:3]] [[slow:600]]"
+    events, error = await collect(provider_at(sandbox_server, timeout=0.3), make_request(prompt))
+    assert error is None
+    assert text_of(events) == "".join(reply_tokens(prompt, 3))
+    assert isinstance(events[-1], Finish)
+
+
+async def test_the_body_is_read_off_the_sdks_aiohttp_response(sandbox: SandboxState) -> None:
+    """With the pinned SDK, an unencoded body is read straight off its transport's aiohttp response
+    (no httpx stream around each read); if the SDK's transport changes, this says so."""
+    provider = registry.get("openai")
+    assert isinstance(provider, OpenAIProvider)
+    response = await provider._open(make_request("hi [[tokens:2]]"))
+    try:
+        reader = _body_reader(response)
+        assert isinstance(reader, aiohttp.StreamReader)
+        body = b""
+        while data := await reader.readany():
+            body += data
+        assert body.rstrip().endswith(b"data: [DONE]")
+    finally:
+        await response.aclose()
+
+
+async def test_a_compressed_body_is_decoded_through_httpx() -> None:
+    """A gzip-encoded stream is not read off aiohttp raw: httpx decodes it, and the text arrives."""
+    body = gzip.compress(_ONE_REPLY)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(_sse_response(body, b"content-encoding: gzip\r\n"))
+        await writer.drain()
+        writer.close()
+
+    async with _raw_upstream(serve) as provider:
+        events, error = await collect(provider, make_request("hi"))
+        assert error is None and text_of(events) == "hi"
+        assert isinstance(events[-1], Finish)
+
+
 async def test_drop_after_k_chunks(sandbox: SandboxState) -> None:
     events, error = await collect(registry.get("openai"), make_request("hi [[tokens:8]] [[drop:3]]"))
     assert isinstance(error, ProviderConnectionError)
@@ -434,6 +483,37 @@ async def test_wire_json_answer_and_auth_errors(sandbox: SandboxState, sandbox_s
 
 # --- connection pools ---------------------------------------------------------------------------
 
+
+@contextlib.asynccontextmanager
+async def _raw_upstream(serve: _Serve) -> AsyncIterator[OpenAIProvider]:
+    """A provider pointed at a raw asyncio server on loopback that answers with `serve`."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = OpenAIProvider(name="openai", api_key="k", base_url=f"http://127.0.0.1:{port}/v1", timeout=5)
+    try:
+        yield provider
+    finally:
+        await provider.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def _read_request(reader: asyncio.StreamReader) -> None:
+    """Read one HTTP request (its head and its Content-Length body) off a raw test server's connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if b"content-length:" in line.lower())
+    await reader.readexactly(length)
+
+
+def _sse_response(body: bytes, headers: bytes = b"") -> bytes:
+    """A 200 with `body` as an event stream of known length (`headers`: more header lines)."""
+    return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n%scontent-length: %d\r\n\r\n%s" % (
+        headers,
+        len(body),
+        body,
+    )
+
+
 _ONE_REPLY = (
     b'data: {"model":"gpt-4o-mini","choices":[{"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
     b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
@@ -450,33 +530,16 @@ async def test_calls_one_after_another_keep_one_connection_alive() -> None:
         accepted += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                await reader.readexactly(length)
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    + b"content-length: %d\r\n\r\n" % len(_ONE_REPLY)
-                    + _ONE_REPLY
-                )
+                await _read_request(reader)
+                writer.write(_sse_response(_ONE_REPLY))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    provider = OpenAIProvider(name="openai", api_key="k", base_url=f"http://127.0.0.1:{port}/v1", timeout=5)
-    try:
+    async with _raw_upstream(serve) as provider:
         for _ in range(6):
             events, error = await collect(provider, make_request("hi"))
             assert error is None and text_of(events) == "hi"
-    finally:
-        await provider.aclose()
-        server.close()
-        await server.wait_closed()
     assert accepted == 1
 
 
@@ -489,9 +552,7 @@ async def test_a_cut_right_behind_the_chunks_keeps_every_chunk_that_arrived(fram
     ]
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if b"content-length:" in line.lower())
-        await reader.readexactly(length)
+        await _read_request(reader)
         if framing == "chunked":  # a chunked body that never gets its last, empty chunk
             body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
             writer.write(
@@ -503,18 +564,11 @@ async def test_a_cut_right_behind_the_chunks_keeps_every_chunk_that_arrived(fram
             )
         writer.transport.abort()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    provider = OpenAIProvider(name="openai", api_key="k", base_url=f"http://127.0.0.1:{port}/v1", timeout=5)
-    try:
+    async with _raw_upstream(serve) as provider:
         for _ in range(20):  # the cut lands at another point of the client's reads from run to run
             events, error = await collect(provider, make_request("hi"))
             assert isinstance(error, ProviderConnectionError)
             assert text_of(events) == "t0t1t2"
-    finally:
-        await provider.aclose()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_registry_reset_closes_the_clients_it_forgets(sandbox: SandboxState) -> None:
