@@ -13,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from bench import calibration
+from bench import calibration, instructions
 from bench.load import StreamScanner, Target, run_load
 from bench.mock_upstream import MockSpec, MockUpstream, parse_spec, reply_text, spec_for
 from bench.report import markdown, verdict
@@ -426,3 +426,31 @@ def test_the_report_gives_the_machines_speed_before_and_after_the_run() -> None:
     assert f"lower is faster): - before the run, {taken.loopback_us:.1f} µs after." in text
     bare = markdown([scenario], [], {**meta, "pinned": True, "cpu_reference_ms": [None, None]})
     assert "CPU reference" not in bare and "Loopback reference" not in bare
+
+
+# --- the instruction counter ------------------------------------------------------------------
+
+
+def test_callgrinds_total_is_read_off_its_totals_line() -> None:
+    dump = b"version: 1\ncmd: python uvicorn\npart: 1\nevents: Ir\nsummary: 0\n\nfn=(1) main\n16 7\n\n"
+    dump += b"totals: 1206392941\n"
+    assert instructions.total_instructions(dump) == 1_206_392_941
+    with pytest.raises(ValueError):
+        instructions.total_instructions(b"version: 1\nsummary: 0\n")  # a dump not yet written to its end
+
+
+def test_the_gateways_instructions_per_request_are_counted_under_callgrind() -> None:
+    """A real run, small: the gateway under callgrind, counting on only for the counted requests."""
+    assert instructions.available()
+    counted = instructions.count(
+        requests=4,
+        warmup=3,
+        path="/chat",
+        mock="tokens=5",
+        database_url="postgres://postgres@127.0.0.1:5432/chat_bench_instructions_test",
+        redis_url="redis://127.0.0.1:6379/11",
+    )
+    assert counted.requests == 4
+    # A request is millions of instructions of CPython, the SDKs and the drivers: not zero (counting never
+    # went on) and not the billions of the gateway's start (counting on from the beginning).
+    assert 1e6 < counted.per_request < 1e8
