@@ -68,8 +68,19 @@ def deltas(events: list[Event]) -> list[Delta]:
     return [e for e in events if isinstance(e, Delta)]
 
 
-def provider_at(server: BackgroundServer, *, api_key: str = SANDBOX_KEY, timeout: float = 10.0) -> OpenAIProvider:
-    return OpenAIProvider(name="openai", api_key=api_key, base_url=f"{server.url}/openai/v1", timeout=timeout)
+@pytest.fixture
+async def provider_at(sandbox_server: BackgroundServer) -> AsyncIterator[Callable[..., OpenAIProvider]]:
+    """Make OpenAI clients on the sandbox with a key and a timeout of the test's; closed after it."""
+    made: list[OpenAIProvider] = []
+
+    def make(*, api_key: str = SANDBOX_KEY, timeout: float = 10.0) -> OpenAIProvider:
+        base_url = f"{sandbox_server.url}/openai/v1"
+        made.append(OpenAIProvider(name="openai", api_key=api_key, base_url=base_url, timeout=timeout))
+        return made[-1]
+
+    yield make
+    for provider in made:
+        await provider.aclose()
 
 
 # --- replies and usage ----------------------------------------------------------------------
@@ -209,9 +220,9 @@ async def test_list_models(sandbox: SandboxState) -> None:
     assert [c.path for c in sandbox.calls()] == ["/openai/v1/models", "/deepseek/models"]
 
 
-async def test_list_models_with_a_bad_key(sandbox: SandboxState, sandbox_server: BackgroundServer) -> None:
+async def test_list_models_with_a_bad_key(sandbox: SandboxState, provider_at: Callable[..., OpenAIProvider]) -> None:
     with pytest.raises(ProviderAuthError):
-        await provider_at(sandbox_server, api_key="invalid-key").list_models()
+        await provider_at(api_key="invalid-key").list_models()
 
 
 # --- error mapping ----------------------------------------------------------------------------
@@ -285,8 +296,8 @@ async def test_fault_limited_to_one_provider(sandbox: SandboxState) -> None:
     assert text_of(events) == "".join(reply_tokens("hi [[fail:503@openai]] [[tokens:2]]", 2))
 
 
-async def test_invalid_key_is_an_auth_error(sandbox: SandboxState, sandbox_server: BackgroundServer) -> None:
-    _, error = await collect(provider_at(sandbox_server, api_key="invalid-123456789"), make_request("hi"))
+async def test_invalid_key_is_an_auth_error(sandbox: SandboxState, provider_at: Callable[..., OpenAIProvider]) -> None:
+    _, error = await collect(provider_at(api_key="invalid-123456789"), make_request("hi"))
     assert isinstance(error, ProviderAuthError)
     assert error.status == 401
     assert "Incorrect API key" in error.message
@@ -299,19 +310,21 @@ async def test_connection_cut_before_the_body(sandbox: SandboxState) -> None:
     assert deltas(events) == []
 
 
-async def test_hang_with_a_short_timeout_is_a_timeout(sandbox: SandboxState, sandbox_server: BackgroundServer) -> None:
-    _, error = await collect(provider_at(sandbox_server, timeout=0.5), make_request("wait [[hang]]"))
+async def test_hang_with_a_short_timeout_is_a_timeout(
+    sandbox: SandboxState, provider_at: Callable[..., OpenAIProvider]
+) -> None:
+    _, error = await collect(provider_at(timeout=0.5), make_request("wait [[hang]]"))
     assert isinstance(error, ProviderTimeout)
     assert error.retryable
 
 
 async def test_the_timeout_bounds_the_wait_for_headers_not_the_gaps_between_chunks(
-    sandbox: SandboxState, sandbox_server: BackgroundServer
+    sandbox: SandboxState, provider_at: Callable[..., OpenAIProvider]
 ) -> None:
     """Chunks 0.6 s apart under a 0.3 s timeout all arrive: a stream's silence is the router's to
     judge (one timer per stream), not an SDK read timeout set again on every read."""
     prompt = "paced [[tokens:3]] [[slow:600]]"
-    events, error = await collect(provider_at(sandbox_server, timeout=0.3), make_request(prompt))
+    events, error = await collect(provider_at(timeout=0.3), make_request(prompt))
     assert error is None
     assert text_of(events) == "".join(reply_tokens(prompt, 3))
     assert isinstance(events[-1], Finish)
