@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import processes
-from bench.run import RunOptions, gateway_command, gateway_env, provision
+from bench.run import RunOptions, gateway_command, gateway_env, provision, start_mock
 from bench.stores import DEFAULT_REDIS_URL, ROOT, ensure_services, flush_redis, recreate_database
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/chat_bench_instructions"
@@ -84,14 +84,9 @@ def count(
         options = RunOptions(
             scenarios=[], servers=["uvicorn"], quick=True, database_url=database_url, redis_url=redis_url, log_dir=work
         )
-        mock_port = processes.free_port()
-        upstream = processes.start(
-            "mock", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)],
-            port=mock_port, core=processes.MOCK_CORE, env=dict(os.environ), log_dir=work, cwd=ROOT,
-        )  # fmt: skip
+        upstream = start_mock(work)
         try:
-            upstream.wait_ready("/v1/models", timeout=20)
-            env = gateway_env(options, mock_port)
+            env = gateway_env(options, upstream.port)
             (key,) = provision(env, 1)
             port = processes.free_port()
             command = [
@@ -105,13 +100,16 @@ def count(
                 gateway.wait_ready("/health", timeout=600)
                 body = json.dumps({"message": f"{MESSAGE} [[mock {mock}]]", "model": "gpt-4o-mini"}).encode()
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-                for _ in range(warmup):
-                    _send(connection, path, body, key)
-                time.sleep(1)  # what the warm-up left behind (the status flush, batches) is done
-                _control(gateway.pid, "-i", "on")
-                for _ in range(requests):
-                    _send(connection, path, body, key)
-                _control(gateway.pid, "-i", "off")
+                try:
+                    for _ in range(warmup):
+                        _send(connection, path, body, key)
+                    time.sleep(1)  # what the warm-up left behind (the status flush, batches) is done
+                    _control(gateway.pid, "-i", "on")
+                    for _ in range(requests):
+                        _send(connection, path, body, key)
+                    _control(gateway.pid, "-i", "off")
+                finally:
+                    connection.close()
                 dumped = _dump(gateway.pid, work)
             finally:
                 gateway.stop(timeout=60)

@@ -221,6 +221,21 @@ def litellm_env() -> dict[str, str]:
     return env
 
 
+def start_mock(log_dir: Path) -> processes.Child:
+    """The mock upstream on a free loopback port, pinned to the load generator's core, once it answers."""
+    port = processes.free_port()
+    mock = processes.start(
+        "mock", [sys.executable, "-m", "bench.mock_upstream", "--port", str(port)],
+        port=port, core=processes.MOCK_CORE, env=dict(os.environ), log_dir=log_dir, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        mock.wait_ready("/v1/models", timeout=20)
+    except BaseException:
+        mock.stop()
+        raise
+    return mock
+
+
 async def run_all(options: RunOptions, log: Log) -> list[SystemResult]:
     """Everything for one run; the systems in order: direct, the gateway per server, LiteLLM."""
     if processes.pin_self(processes.MOCK_CORE):
@@ -231,14 +246,10 @@ async def run_all(options: RunOptions, log: Log) -> list[SystemResult]:
         ensure_services()
         recreate_database(options.database_url)
         flush_redis(options.redis_url)
-    mock_port = processes.free_port()
-    mock = processes.start(
-        "mock", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)],
-        port=mock_port, core=processes.MOCK_CORE, env=dict(os.environ), log_dir=options.log_dir, cwd=ROOT,
-    )  # fmt: skip
+    mock = start_mock(options.log_dir)
+    mock_port = mock.port
     systems: list[SystemResult] = []
     try:
-        mock.wait_ready("/v1/models", timeout=20)
         log(f"mock upstream on :{mock_port} (pid {mock.pid})")
         systems.append(
             await measure(
