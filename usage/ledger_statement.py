@@ -4,7 +4,9 @@ The reservation is deleted, the day's quota row settled (created again if an ope
 it), the conversation created or touched, its two messages and the UsageRecord inserted: one
 round trip, atomic on its own, no transaction to open or commit. Every data-modifying CTE runs
 to completion whether or not the main statement reads it. Values go through each field's own
-`pre_save` and `get_prep_value`, as the ORM's do; each model's rows travel as one JSON parameter.
+`pre_save` and `get_prep_value`, as the ORM's do, from plain field values (no model instance is
+made for a row: on the request path that cost more than the rest of the statement's parameters);
+each model's rows travel as one JSON parameter.
 `awrite` runs it on the event loop (the request path), `write` on Django's connection.
 """
 
@@ -12,16 +14,16 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from operator import attrgetter
 from typing import Any
 
 import orjson
 from django.db import DatabaseError, connection
-from django.db.models import Field, Model
+from django.db.models import DateField, DateTimeField, Field, Model
+from django.utils import timezone
 
 from chat.models import Conversation, Message
 from chatservice.async_db import statements
@@ -29,15 +31,19 @@ from chatservice.statement_batches import StatementBatches
 from usage.models import UsageRecord
 from usage.quotas import Reservation, quota_row
 
+Values = Mapping[str, Any]
+"""One row to insert, by field attname, as a model's keyword arguments would give it: a field left out
+takes its default, and an `auto_now` / `auto_now_add` date takes the time of the write."""
+
 
 @dataclass(frozen=True)
 class ConversationWrite:
     """What the request keeps in its conversation: a new one (`created`) or a touch of an existing one."""
 
     conversation_id: uuid.UUID
-    created: Conversation | None
+    created: Values | None
     touched_at: datetime
-    messages: Sequence[Message]
+    messages: Sequence[Values]
 
 
 def _json(value: Any) -> Any:
@@ -51,32 +57,62 @@ def _dumps(obj: Any) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class _Column:
+    name: str
+    attname: str
+    default: Callable[[], Any]
+    now: Callable[[], Any] | None  # an auto_now / auto_now_add date: what its pre_save(add=True) sets
+    prep: Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
 class _Table:
     """One model's insert, worked out once: the SQL (its rows as one JSON parameter named `param`)
-    and, per column, how a value is read off an unsaved instance and prepared for the database."""
+    and, per column, how its value is found and prepared for the database, as the ORM would: the
+    field's default where the row leaves it out, `pre_save(add=True)`, then `get_prep_value`."""
 
     sql: str
-    columns: tuple[tuple[str, Callable[[Model], Any], Callable[[Any], Any]], ...]
+    columns: tuple[_Column, ...]
+    attnames: frozenset[str]
 
-    def rows(self, objs: Sequence[Model]) -> list[dict[str, Any]]:
-        """The instances as `{column: value}`, each value prepared by its field as the ORM would."""
-        return [{column: prep(read(obj)) for column, read, prep in self.columns} for obj in objs]
+    def filled(self, values: Values) -> list[Any]:
+        """The row's value for each column, in column order (Python values, not yet prepared)."""
+        if not self.attnames.issuperset(values):
+            raise TypeError(f"not columns of this table: {sorted(set(values) - self.attnames)}")
+        return [
+            c.now() if c.now is not None else values[c.attname] if c.attname in values else c.default()
+            for c in self.columns
+        ]
+
+    def rows(self, rows: Sequence[Values]) -> list[dict[str, Any]]:
+        """The rows as `{column: value}`, each value prepared by its field."""
+        columns = self.columns
+        return [
+            {c.name: c.prep(value) for c, value in zip(columns, self.filled(values), strict=True)} for values in rows
+        ]
 
 
-def _reader(field: Field[Any, Any]) -> Callable[[Model], Any]:
-    """The field's `pre_save(obj, add=True)`; a plain attribute read where the field keeps the base one."""
-    if type(field).pre_save is Field.pre_save:  # no auto_now or the like: pre_save is getattr(obj, attname)
-        return attrgetter(field.attname)
-    return lambda obj: field.pre_save(obj, add=True)
+def _now(field: Field[Any, Any]) -> Callable[[], Any] | None:
+    """What the field's `pre_save(obj, add=True)` sets, or None where that is the value it was given."""
+    pre_save = type(field).pre_save
+    if pre_save is Field.pre_save:
+        return None
+    if isinstance(field, DateField) and pre_save in (DateField.pre_save, DateTimeField.pre_save):
+        if not (field.auto_now or field.auto_now_add):
+            return None
+        if isinstance(field, DateTimeField):
+            return timezone.now
+    # Any other pre_save would need the instance: refused when the statement is built, not guessed at.
+    raise TypeError(f"{field} has a pre_save the ledger statement does not reproduce")
 
 
 @functools.cache
 def _table(model: type[Model], param: str) -> _Table:
-    """`INSERT INTO table (columns) SELECT columns FROM jsonb_populate_recordset(...)` for unsaved
-    instances of `model`: all their rows are ONE JSON parameter, so the statement's text and its
-    handful of parameters stay the same from one request to the next (it is prepared once per
-    connection), whatever the values. Postgres converts each JSON value with the column type's
-    own input function: a Decimal goes as its exact text, a UUID or a timestamp as its ISO form."""
+    """`INSERT INTO table (columns) SELECT columns FROM jsonb_populate_recordset(...)` for rows of
+    `model`: all of them are ONE JSON parameter, so the statement's text and its handful of
+    parameters stay the same from one request to the next (it is prepared once per connection),
+    whatever the values. Postgres converts each JSON value with the column type's own input
+    function: a Decimal goes as its exact text, a UUID or a timestamp as its ISO form."""
     opts = model._meta
     quote = statements.database.ops.quote_name
     fields = [f for f in opts.concrete_fields if not f.db_returning]  # the serial id comes from the database
@@ -87,15 +123,29 @@ def _table(model: type[Model], param: str) -> _Table:
             f"INSERT INTO {table} ({names}) SELECT {names}"
             f" FROM jsonb_populate_recordset(NULL::{table}, %({param})s::jsonb)"
         ),
-        columns=tuple((str(f.column), _reader(f), f.get_prep_value) for f in fields),
+        columns=tuple(_Column(str(f.column), f.attname, f.get_default, _now(f), f.get_prep_value) for f in fields),
+        attnames=frozenset(f.attname for f in fields),
     )
 
 
-def _insert(objs: Sequence[Model], param: str, params: dict[str, Any]) -> str:
-    """The insert of `objs` (instances of one model); their rows go into `params[param]`."""
-    table = _table(type(objs[0]), param)
-    params[param] = _dumps(table.rows(objs))
+def _insert(model: type[Model], rows: Sequence[Values], param: str, params: dict[str, Any]) -> str:
+    """The insert of `rows` of `model`; their values go into `params[param]`."""
+    table = _table(model, param)
+    params[param] = _dumps(table.rows(rows))
     return table.sql
+
+
+def record_instance(record: Values, pk: int) -> UsageRecord:
+    """The UsageRecord `record` became once inserted with the id `pk`, as the ORM would load it."""
+    filled = iter(_table(UsageRecord, "record").filled(record))
+    fields = UsageRecord._meta.concrete_fields
+    values = [pk if f.db_returning else next(filled) for f in fields]
+    return UsageRecord.from_db(statements.database.alias, _attnames(UsageRecord), values)
+
+
+@functools.cache
+def _attnames(model: type[Model]) -> tuple[str, ...]:
+    return tuple(f.attname for f in model._meta.concrete_fields)
 
 
 # The reservation is deleted before the day row is locked, the order the reaper and release take
@@ -133,10 +183,10 @@ def _statement_sql(conversation: str) -> str:
 
 
 def statement(
-    *, record: UsageRecord, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
+    *, record: Values, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
 ) -> tuple[str, dict[str, Any]]:
-    """The SQL and parameters that settle `reservation` to `actual_tokens`, insert `record` and
-    keep `conversation`; the statement returns the record's id."""
+    """The SQL and parameters that settle `reservation` to `actual_tokens`, insert `record` (a
+    UsageRecord's values) and keep `conversation`; the statement returns the record's id."""
     if actual_tokens < 0:
         raise ValueError("actual_tokens must be >= 0")
     params: dict[str, Any] = {
@@ -149,38 +199,36 @@ def statement(
     if conversation is not None:
         if conversation.created is not None:
             shape = "created"
-            _insert([conversation.created], "conversation", params)
+            _insert(Conversation, [conversation.created], "conversation", params)
         else:
             shape = "touched"
             params["conversation_id"], params["touched_at"] = conversation.conversation_id, conversation.touched_at
-        _insert(conversation.messages, "messages", params)
-    _insert([record], "record", params)
+        _insert(Message, conversation.messages, "messages", params)
+    _insert(UsageRecord, [record], "record", params)
     return _statement_sql(shape), params
 
 
-def _saved(record: UsageRecord, row: tuple[Any, ...] | None) -> None:
+def _saved(row: tuple[Any, ...] | None) -> int:
     if row is None:
         raise DatabaseError("the ledger statement returned no row")
-    record.pk = row[0]
-    record._state.adding = False
-    record._state.db = statements.database.alias
+    return int(row[0])
 
 
 def write(
-    *, record: UsageRecord, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
-) -> None:
-    """Settle `reservation` to `actual_tokens`, insert `record` (its pk set) and keep `conversation`."""
+    *, record: Values, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
+) -> UsageRecord:
+    """Settle `reservation` to `actual_tokens`, insert `record` and keep `conversation`; the record as stored."""
     sql, params = statement(
         record=record, reservation=reservation, actual_tokens=actual_tokens, conversation=conversation
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        _saved(record, cursor.fetchone())
+        return record_instance(record, _saved(cursor.fetchone()))
 
 
 async def awrite(
-    *, record: UsageRecord, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
-) -> None:
+    *, record: Values, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
+) -> UsageRecord:
     """`write` from async code, on the event loop (`chatservice.async_db`): no thread hop. The
     writes of requests that end together go in one transaction (`chatservice.statement_batches`:
     one round trip, one commit and one WAL flush for all of them; a write that fails there is
@@ -191,7 +239,7 @@ async def awrite(
     batches = _batches.get(sql)
     if batches is None:
         batches = _batches[sql] = StatementBatches(sql, lock_order=quota_row)
-    _saved(record, await batches.fetchone(params))
+    return record_instance(record, _saved(await batches.fetchone(params)))
 
 
 _batches: dict[str, StatementBatches] = {}  # one per statement text (three shapes)

@@ -17,7 +17,7 @@ from chat.models import Conversation, Message
 from chatservice.async_db import statements
 from chatservice.db import db_async
 from usage import ledger_statement
-from usage.ledger_statement import ConversationWrite
+from usage.ledger_statement import ConversationWrite, Values
 from usage.models import UsageRecord
 from usage.quotas import Reservation, token_settle
 
@@ -61,7 +61,7 @@ class ChatOutcome:
     reservation: Reservation | None = None
 
 
-def _ledger_parts(outcome: ChatOutcome, keep_exchange: bool) -> tuple[UsageRecord, ConversationWrite | None, int]:
+def _ledger_parts(outcome: ChatOutcome, keep_exchange: bool) -> tuple[Values, ConversationWrite | None, int]:
     record = _usage_record(outcome)
     # A request that answered (status ok) is kept even when the reply is empty: its response names
     # the conversation, which must then exist (and, when the request started it, be continuable).
@@ -80,21 +80,21 @@ def usage_settle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRe
     """
     record, kept, actual_tokens = _ledger_parts(outcome, keep_exchange)
     if outcome.reservation is not None and _settles_in_one_statement():
-        ledger_statement.write(
+        return ledger_statement.write(
             record=record, reservation=outcome.reservation, actual_tokens=actual_tokens, conversation=kept
         )
-        return record
+    stored = UsageRecord(**record)
     with transaction.atomic():
         if outcome.reservation is not None:
             token_settle(reservation=outcome.reservation, actual_tokens=actual_tokens)
-        record.save(force_insert=True)
+        stored.save(force_insert=True)
         if kept is not None:
             if kept.created is not None:
-                kept.created.save(force_insert=True)
+                Conversation(**kept.created).save(force_insert=True)
             else:  # the conversation now sorts as the most recent one
                 Conversation.objects.filter(id=kept.conversation_id).update(updated_at=kept.touched_at)
-            Message.objects.bulk_create(list(kept.messages))
-    return record
+            Message.objects.bulk_create([Message(**message) for message in kept.messages])
+    return stored
 
 
 async def usage_asettle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> UsageRecord:
@@ -103,10 +103,9 @@ async def usage_asettle(*, outcome: ChatOutcome, keep_exchange: bool = True) -> 
     if outcome.reservation is None or not _settles_in_one_statement():
         return await db_async(usage_settle)(outcome=outcome, keep_exchange=keep_exchange)
     record, kept, actual_tokens = _ledger_parts(outcome, keep_exchange)
-    await ledger_statement.awrite(
+    return await ledger_statement.awrite(
         record=record, reservation=outcome.reservation, actual_tokens=actual_tokens, conversation=kept
     )
-    return record
 
 
 async def usage_write(outcome: ChatOutcome) -> UsageRecord:
@@ -159,33 +158,34 @@ def _settles_in_one_statement() -> bool:
     return statements.available
 
 
-def _usage_record(outcome: ChatOutcome) -> UsageRecord:
-    return UsageRecord(
-        request_id=outcome.request_id,
-        created_at=outcome.created_at,
-        user_id=outcome.user_id,
-        api_key_id=outcome.api_key_id,
-        plan=outcome.plan,
-        conversation_id=outcome.conversation_id,
-        transport=outcome.transport,
-        provider=outcome.provider,
-        model=outcome.model,
-        input_tokens=outcome.input_tokens,
-        cached_input_tokens=outcome.cached_input_tokens,
-        output_tokens=outcome.output_tokens,
-        cost=outcome.cost,
-        input_price=outcome.input_price,
-        cached_input_price=outcome.cached_input_price,
-        output_price=outcome.output_price,
-        latency_ms=outcome.latency_ms,
-        time_to_first_token_ms=outcome.time_to_first_token_ms,
-        status=outcome.status,
-        usage_source=outcome.usage_source,
-        fallback_path=outcome.fallback_path,
-        attempts=outcome.attempts,
-        error_code=outcome.error_code,
-        flagged=outcome.flagged,
-    )
+def _usage_record(outcome: ChatOutcome) -> Values:
+    """The request's UsageRecord, as its field values (a model instance is made only once it is stored)."""
+    return {
+        "request_id": outcome.request_id,
+        "created_at": outcome.created_at,
+        "user_id": outcome.user_id,
+        "api_key_id": outcome.api_key_id,
+        "plan": outcome.plan,
+        "conversation_id": outcome.conversation_id,
+        "transport": outcome.transport,
+        "provider": outcome.provider,
+        "model": outcome.model,
+        "input_tokens": outcome.input_tokens,
+        "cached_input_tokens": outcome.cached_input_tokens,
+        "output_tokens": outcome.output_tokens,
+        "cost": outcome.cost,
+        "input_price": outcome.input_price,
+        "cached_input_price": outcome.cached_input_price,
+        "output_price": outcome.output_price,
+        "latency_ms": outcome.latency_ms,
+        "time_to_first_token_ms": outcome.time_to_first_token_ms,
+        "status": outcome.status,
+        "usage_source": outcome.usage_source,
+        "fallback_path": outcome.fallback_path,
+        "attempts": outcome.attempts,
+        "error_code": outcome.error_code,
+        "flagged": outcome.flagged,
+    }
 
 
 def _conversation_write(outcome: ChatOutcome) -> ConversationWrite:
@@ -193,31 +193,31 @@ def _conversation_write(outcome: ChatOutcome) -> ConversationWrite:
     now = timezone.now()
     created = None
     if outcome.new_conversation:
-        created = Conversation(
-            id=outcome.conversation_id,
-            user_id=outcome.user_id,
-            title=" ".join(outcome.user_message.split())[:TITLE_CHARS],
-            system_prompt=outcome.system_prompt,
-        )
+        created = {
+            "id": outcome.conversation_id,
+            "user_id": outcome.user_id,
+            "title": " ".join(outcome.user_message.split())[:TITLE_CHARS],
+            "system_prompt": outcome.system_prompt,
+        }
     messages = [
-        Message(
-            conversation_id=outcome.conversation_id,
-            role=Message.Role.USER,
-            content=outcome.user_message,
-            request_id=outcome.request_id,
-        ),
-        Message(
-            conversation_id=outcome.conversation_id,
-            role=Message.Role.ASSISTANT,
-            content=outcome.reply,
-            request_id=outcome.request_id,
-            provider=outcome.provider,
-            model=outcome.model,
-            input_tokens=outcome.input_tokens,
-            output_tokens=outcome.output_tokens,
-            cost=outcome.cost,
-            incomplete=outcome.status != "ok",
-        ),
+        {
+            "conversation_id": outcome.conversation_id,
+            "role": Message.Role.USER,
+            "content": outcome.user_message,
+            "request_id": outcome.request_id,
+        },
+        {
+            "conversation_id": outcome.conversation_id,
+            "role": Message.Role.ASSISTANT,
+            "content": outcome.reply,
+            "request_id": outcome.request_id,
+            "provider": outcome.provider,
+            "model": outcome.model,
+            "input_tokens": outcome.input_tokens,
+            "output_tokens": outcome.output_tokens,
+            "cost": outcome.cost,
+            "incomplete": outcome.status != "ok",
+        },
     ]
     return ConversationWrite(
         conversation_id=outcome.conversation_id, created=created, touched_at=now, messages=messages

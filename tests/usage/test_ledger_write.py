@@ -14,6 +14,7 @@ from decimal import Decimal
 import pytest
 from django.db import IntegrityError
 from django.db.models import F
+from django.utils import timezone
 
 from accounts.services import user_get_or_create
 from chat.models import Conversation, Message
@@ -84,7 +85,11 @@ def test_the_record_holds_every_field_and_the_reservation_becomes_usage(user_id:
     assert _row(user_id) == (42, 500)  # 12 + 30 used; only the other request's tokens stay reserved
     assert list(TokenReservation.objects.filter(user_id=user_id).values_list("id", flat=True)) == [other.id]
     stored = UsageRecord.objects.get(request_id=outcome.request_id)
-    assert returned.pk == stored.pk
+    assert returned.pk == stored.pk and not returned._state.adding
+    fields = UsageRecord._meta.concrete_fields
+    assert {f.attname: getattr(returned, f.attname) for f in fields} == {
+        f.attname: getattr(stored, f.attname) for f in fields
+    }
     expected = {
         f.name: getattr(outcome, f.name)
         for f in dataclasses.fields(ChatOutcome)
@@ -297,3 +302,42 @@ async def test_requests_that_end_together_are_written_together_and_a_bad_write_f
     assert await sync_to_async(_row)(user_id) == (20 * 42, 0)  # every request's usage, nothing held
     kept = await sync_to_async(lambda: set(Conversation.objects.filter(user_id=user_id).values_list("id", flat=True)))()
     assert kept == {o.conversation_id for i, o in enumerate(outcomes) if i != 7}
+
+
+def test_a_new_conversation_and_its_messages_get_their_defaults_and_the_time_of_the_write(user_id: int) -> None:
+    reservation = token_reserve(user_id=user_id, limit=10_000, tokens=100, now=NOON)
+    conversation_id = uuid.uuid4()
+    before = timezone.now()
+
+    usage_settle(outcome=_outcome(user_id, reservation, conversation_id=conversation_id, new_conversation=True))
+
+    after = timezone.now()
+    conversation = Conversation.objects.get(pk=conversation_id)
+    assert before <= conversation.created_at <= conversation.updated_at <= after
+    asked, answered = Message.objects.filter(conversation_id=conversation_id).order_by("id")
+    # The user's message names none of these fields: each takes its model default, as a saved instance's would.
+    assert (asked.provider, asked.model, asked.input_tokens, asked.output_tokens) == ("", "", 0, 0)
+    assert (asked.cost, asked.incomplete) == (Decimal(0), False)
+    assert (answered.provider, answered.input_tokens, answered.cost) == ("openai", 12, Decimal("0.000123456789"))
+    assert before <= asked.created_at <= answered.created_at <= after
+
+
+def test_a_ledger_row_naming_a_field_its_table_does_not_have_is_refused() -> None:
+    from usage.ledger_statement import _table
+
+    with pytest.raises(TypeError, match="titel"):
+        _table(Conversation, "conversation").rows([{"id": uuid.uuid4(), "user_id": 1, "titel": "typo"}])
+
+
+def test_a_field_whose_pre_save_the_statement_cannot_reproduce_is_refused() -> None:
+    from django.db import models
+
+    from usage.ledger_statement import _now
+
+    assert _now(models.CharField(max_length=5)) is None
+    assert _now(models.DateTimeField()) is None  # a plain date keeps the value it was given
+    assert _now(models.DateTimeField(auto_now_add=True)) is timezone.now
+    assert _now(models.DateTimeField(auto_now=True)) is timezone.now
+    for field in (models.FileField(upload_to="x"), models.DateField(auto_now=True)):
+        with pytest.raises(TypeError, match="pre_save"):
+            _now(field)
