@@ -19,6 +19,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 from providers.base import (
     AllProvidersFailed,
@@ -53,9 +55,22 @@ _CLOSE_TIMEOUT_SECONDS = 5.0
 _MAX_TRAILING_EVENTS = 16
 
 
+_ROUTER_SETTINGS = (
+    "ENABLE_FALLBACK",
+    "FALLBACK_ORDER",
+    "MAX_RETRY_ATTEMPTS",
+    "RETRY_DELAY_SECONDS",
+    "FIRST_TOKEN_TIMEOUT_SECONDS",
+    "STREAM_IDLE_TIMEOUT_SECONDS",
+    "REQUEST_DEADLINE_SECONDS",
+    "PRIORITY_MAX_WAIT_SECONDS",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class RouterSettings:
-    """The router's settings, read once per request (so override_settings applies)."""
+    """The router's settings, read from Django's settings once and again whenever one of them
+    changes (`setting_changed`: override_settings, pytest-django's `settings`)."""
 
     enable_fallback: bool
     fallback_order: tuple[str, ...]
@@ -68,6 +83,13 @@ class RouterSettings:
 
     @classmethod
     def current(cls) -> RouterSettings:
+        global _router_settings
+        if _router_settings is None:
+            _router_settings = cls._read()
+        return _router_settings
+
+    @classmethod
+    def _read(cls) -> RouterSettings:
         order = settings.FALLBACK_ORDER
         if isinstance(order, str):
             order = order.split(",")
@@ -81,6 +103,16 @@ class RouterSettings:
             deadline=float(settings.REQUEST_DEADLINE_SECONDS),
             max_wait=float(settings.PRIORITY_MAX_WAIT_SECONDS),
         )
+
+
+_router_settings: RouterSettings | None = None
+
+
+@receiver(setting_changed)
+def _router_setting_changed(*, setting: str, **_: object) -> None:
+    global _router_settings
+    if setting in _ROUTER_SETTINGS:
+        _router_settings = None
 
 
 @dataclass

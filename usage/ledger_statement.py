@@ -138,14 +138,16 @@ def _insert(model: type[Model], rows: Sequence[Values], param: str, params: dict
 def record_instance(record: Values, pk: int) -> UsageRecord:
     """The UsageRecord `record` became once inserted with the id `pk`, as the ORM would load it."""
     filled = iter(_table(UsageRecord, "record").filled(record))
-    fields = UsageRecord._meta.concrete_fields
-    values = [pk if f.db_returning else next(filled) for f in fields]
-    return UsageRecord.from_db(statements.database.alias, _attnames(UsageRecord), values)
+    attnames, returned = _loaded_fields(UsageRecord)
+    values = [pk if from_database else next(filled) for from_database in returned]
+    return UsageRecord.from_db(statements.database.alias, attnames, values)
 
 
 @functools.cache
-def _attnames(model: type[Model]) -> tuple[str, ...]:
-    return tuple(f.attname for f in model._meta.concrete_fields)
+def _loaded_fields(model: type[Model]) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+    """The model's columns as `from_db` takes them, and which of them the database fills in (the id)."""
+    fields = model._meta.concrete_fields
+    return tuple(f.attname for f in fields), tuple(bool(f.db_returning) for f in fields)
 
 
 # The reservation is deleted before the day row is locked, the order the reaper and release take
