@@ -55,22 +55,10 @@ _CLOSE_TIMEOUT_SECONDS = 5.0
 _MAX_TRAILING_EVENTS = 16
 
 
-_ROUTER_SETTINGS = (
-    "ENABLE_FALLBACK",
-    "FALLBACK_ORDER",
-    "MAX_RETRY_ATTEMPTS",
-    "RETRY_DELAY_SECONDS",
-    "FIRST_TOKEN_TIMEOUT_SECONDS",
-    "STREAM_IDLE_TIMEOUT_SECONDS",
-    "REQUEST_DEADLINE_SECONDS",
-    "PRIORITY_MAX_WAIT_SECONDS",
-)
-
-
 @dataclass(frozen=True, slots=True)
 class RouterSettings:
-    """The router's settings, read from Django's settings once and again whenever one of them
-    changes (`setting_changed`: override_settings, pytest-django's `settings`)."""
+    """The router's settings, read from Django's settings once and again after any setting changes
+    (`setting_changed`: override_settings, pytest-django's `settings`; never while serving)."""
 
     enable_fallback: bool
     fallback_order: tuple[str, ...]
@@ -109,10 +97,9 @@ _router_settings: RouterSettings | None = None
 
 
 @receiver(setting_changed)
-def _router_setting_changed(*, setting: str, **_: object) -> None:
+def _forget_router_settings(**_: object) -> None:
     global _router_settings
-    if setting in _ROUTER_SETTINGS:
-        _router_settings = None
+    _router_settings = None
 
 
 @dataclass

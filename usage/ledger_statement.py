@@ -84,12 +84,13 @@ class _Table:
             for c in self.columns
         ]
 
+    def prepared(self, filled: Sequence[Any]) -> dict[str, Any]:
+        """A filled row as `{column: value}`, each value prepared by its field."""
+        return {c.name: c.prep(value) for c, value in zip(self.columns, filled, strict=True)}
+
     def rows(self, rows: Sequence[Values]) -> list[dict[str, Any]]:
-        """The rows as `{column: value}`, each value prepared by its field."""
-        columns = self.columns
-        return [
-            {c.name: c.prep(value) for c, value in zip(columns, self.filled(values), strict=True)} for values in rows
-        ]
+        """The rows as `{column: value}`, filled and prepared."""
+        return [self.prepared(self.filled(values)) for values in rows]
 
 
 def _now(field: Field[Any, Any]) -> Callable[[], Any] | None:
@@ -135,9 +136,9 @@ def _insert(model: type[Model], rows: Sequence[Values], param: str, params: dict
     return table.sql
 
 
-def record_instance(record: Values, pk: int) -> UsageRecord:
-    """The UsageRecord `record` became once inserted with the id `pk`, as the ORM would load it."""
-    filled = iter(_table(UsageRecord, "record").filled(record))
+def _record_instance(record: Sequence[Any], pk: int) -> UsageRecord:
+    """The UsageRecord inserted with the id `pk` from `record` (its filled row), as the ORM would load it."""
+    filled = iter(record)
     attnames, returned = _loaded_fields(UsageRecord)
     values = [pk if from_database else next(filled) for from_database in returned]
     return UsageRecord.from_db(statements.database.alias, attnames, values)
@@ -186,9 +187,10 @@ def _statement_sql(conversation: str) -> str:
 
 def statement(
     *, record: Values, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
-) -> tuple[str, dict[str, Any]]:
+) -> tuple[str, dict[str, Any], list[Any]]:
     """The SQL and parameters that settle `reservation` to `actual_tokens`, insert `record` (a
-    UsageRecord's values) and keep `conversation`; the statement returns the record's id."""
+    UsageRecord's values) and keep `conversation`, and the record's row as inserted (its values in
+    column order, defaults filled); the statement returns the record's id."""
     if actual_tokens < 0:
         raise ValueError("actual_tokens must be >= 0")
     params: dict[str, Any] = {
@@ -206,8 +208,10 @@ def statement(
             shape = "touched"
             params["conversation_id"], params["touched_at"] = conversation.conversation_id, conversation.touched_at
         _insert(Message, conversation.messages, "messages", params)
-    _insert(UsageRecord, [record], "record", params)
-    return _statement_sql(shape), params
+    table = _table(UsageRecord, "record")
+    filled = table.filled(record)
+    params["record"] = _dumps([table.prepared(filled)])
+    return _statement_sql(shape), params, filled
 
 
 def _saved(row: tuple[Any, ...] | None) -> int:
@@ -220,12 +224,12 @@ def write(
     *, record: Values, reservation: Reservation, actual_tokens: int, conversation: ConversationWrite | None
 ) -> UsageRecord:
     """Settle `reservation` to `actual_tokens`, insert `record` and keep `conversation`; the record as stored."""
-    sql, params = statement(
+    sql, params, row = statement(
         record=record, reservation=reservation, actual_tokens=actual_tokens, conversation=conversation
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return record_instance(record, _saved(cursor.fetchone()))
+        return _record_instance(row, _saved(cursor.fetchone()))
 
 
 async def awrite(
@@ -235,13 +239,13 @@ async def awrite(
     writes of requests that end together go in one transaction (`chatservice.statement_batches`:
     one round trip, one commit and one WAL flush for all of them; a write that fails there is
     run again alone, so it fails alone)."""
-    sql, params = statement(
+    sql, params, row = statement(
         record=record, reservation=reservation, actual_tokens=actual_tokens, conversation=conversation
     )
     batches = _batches.get(sql)
     if batches is None:
         batches = _batches[sql] = StatementBatches(sql, lock_order=quota_row)
-    return record_instance(record, _saved(await batches.fetchone(params)))
+    return _record_instance(row, _saved(await batches.fetchone(params)))
 
 
 _batches: dict[str, StatementBatches] = {}  # one per statement text (three shapes)
